@@ -1,0 +1,188 @@
+"""Things every stage needs: user-facing errors, paths, atomic writes, logging and progress bars, ranks.
+
+One rule runs through this file: library code never prints. It logs through `log()` (rank 0 only, one
+logger named "picochat") and shows long work with `progress()` (a tqdm bar with rate and ETA, rank 0 only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class PicochatError(Exception):
+    """A mistake the user can fix (bad flag, missing file, malformed data).
+
+    The CLI prints the message as one line, `picochat: error: <message>`, and exits with status 2 — no traceback.
+    Messages should say which file / field / flag is wrong and what was expected.
+    """
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Paths. Runs live in $PICOCHAT_HOME/runs/<name>; shared data shards in $PICOCHAT_HOME/data unless the user
+# names another folder (--data-dir or $PICOCHAT_DATA_DIR).
+
+
+def picochat_home() -> Path:
+    """$PICOCHAT_HOME, default ~/.cache/picochat. Not created here (creating folders is work)."""
+    return Path(os.environ.get("PICOCHAT_HOME") or Path.home() / ".cache" / "picochat").expanduser()
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data folder: the explicit argument, else $PICOCHAT_DATA_DIR, else $PICOCHAT_HOME/data."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    if os.environ.get("PICOCHAT_DATA_DIR"):
+        return Path(os.environ["PICOCHAT_DATA_DIR"]).expanduser()
+    return picochat_home() / "data"
+
+
+def resolve_run_dir(run: str | None = None, run_dir: str | os.PathLike | None = None) -> Path:
+    """The run folder: --run-dir PATH wins, else $PICOCHAT_HOME/runs/<run> (default run name: "default")."""
+    if run_dir:
+        return Path(run_dir).expanduser()
+    name = run or "default"
+    if not name or "/" in name or name in (".", ".."):
+        raise PicochatError(f"--run {name!r}: expected a plain folder name (use --run-dir for a path)")
+    return picochat_home() / "runs" / name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Atomic writes: write a temporary file in the same folder, fsync, then rename over the target. A crash
+# leaves either the old file or the new one, never half of one.
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself is only durable once the directory entry is flushed (POSIX; a no-op elsewhere).
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ranks. torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python` run is rank 0 of 1.
+
+
+def distributed_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment variables, (0, 0, 1) without them."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    return rank, local_rank, world_size
+
+
+def is_main_process() -> bool:
+    return distributed_info()[0] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logging and progress: the one place output is produced.
+
+_logger = logging.getLogger("picochat")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Called once by the CLI. Messages go to stderr so stdout stays clean for tables and JSON lines."""
+    if _logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s picochat: %(message)s", datefmt="%H:%M:%S"))
+    _logger.addHandler(handler)
+    _logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    _logger.propagate = False
+
+
+def log(message: str, *, all_ranks: bool = False) -> None:
+    """Log one informational line (rank 0 only unless all_ranks)."""
+    if all_ranks or is_main_process():
+        _logger.info(message)
+
+
+def warn(message: str) -> None:
+    if is_main_process():
+        _logger.warning("warning: " + message)
+
+
+def progress(
+    iterable: Iterable[T] | None = None,
+    *,
+    total: float | None = None,
+    desc: str = "",
+    unit: str = "it",
+    unit_scale: bool = False,
+    disable: bool | None = None,
+) -> Iterator[T]:
+    """A tqdm progress bar (rate and ETA) on rank 0; silent on other ranks and when PICOCHAT_NO_PROGRESS=1."""
+    from tqdm.auto import tqdm
+
+    if disable is None:
+        disable = not is_main_process() or os.environ.get("PICOCHAT_NO_PROGRESS") == "1"
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit_scale,
+        disable=disable,
+        dynamic_ncols=True,
+        # When stderr is not a terminal (CI, logs) redraw rarely so logs are not flooded.
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,
+    )
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """Format rows of dicts as an aligned plain-text table (returned, so stages decide where it goes)."""
+    if not rows:
+        return ""
+    columns = columns or list(rows[0].keys())
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return str(value)
+
+    cells = [[fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)

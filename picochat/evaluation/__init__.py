@@ -1,0 +1,1 @@
+"""Evaluations: bits per byte, CORE, chat tasks."""

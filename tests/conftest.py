@@ -1,0 +1,26 @@
+"""Shared test fixtures. Real data is read from $PICOCHAT_DATA_DIR (CI points it at ../shared/data)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared real-data folder. Missing data is a failure, not a skip: the tests are about real data."""
+    candidate = Path(os.environ.get("PICOCHAT_DATA_DIR") or REPO_ROOT.parent / "shared" / "data")
+    if not (candidate / "pretrain").is_dir():
+        pytest.fail(f"real data not found at {candidate}: set PICOCHAT_DATA_DIR to the shared data folder")
+    return candidate
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own PICOCHAT_HOME so nothing touches ~/.cache/picochat, and no progress bars."""
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path_factory.mktemp("picochat_home")))
+    monkeypatch.setenv("PICOCHAT_NO_PROGRESS", "1")
