@@ -1,0 +1,232 @@
+"""Checkpoints: weights in safetensors, everything else in JSON, written so that a crash never loses one.
+
+Layout inside a stage folder (e.g. runs/<run>/base/):
+
+    model.safetensors            weights of the latest checkpoint (what eval, chat and export read)
+    config.json                  written by the stage: model shape, flags, provenance
+    state/step_000500/           one complete resumable checkpoint
+        model.safetensors        fp32 master weights
+        state.safetensors        every tensor of the training state (optimizer moments, RNG, loader buffers)
+        state.json               everything else (step, loader cursor, counters), with the tensors' places marked
+    state/latest.json            {"step": 500} -- the pointer that makes a checkpoint count
+
+Why this shape:
+- Atomic: a checkpoint is written into `state/step_000500.tmp-<pid>/`, fsynced, renamed to its final name, and only
+  then does `latest.json` (itself replaced atomically) point at it. A kill -9 or power loss at any moment leaves the
+  previous checkpoint intact and `latest.json` naming a complete one; leftover `.tmp-*` folders are ignored and
+  cleaned on the next save.
+- No pickle: nested training state (dicts and lists of tensors, numpy arrays and plain values) is split by
+  `flatten_state` into a flat {name: tensor} dict for safetensors and a JSON skeleton with {"__tensor__": name}
+  markers; `unflatten_state` puts it back together.
+- World-size independent: callers hand over full (unsharded) state, so a checkpoint written by 2 ranks resumes on 1
+  rank and vice versa. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from picochat.common import PicochatError, atomic_write_json
+
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+_TENSOR_MARK = "__tensor__"
+_NUMPY_MARK = "__numpy__"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Nested state <-> (flat tensors, JSON skeleton)
+
+
+def flatten_state(state: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split nested state into a JSON-able skeleton and a flat dict of tensors.
+
+    Tensors become {"__tensor__": name}; numpy arrays become {"__numpy__": name} (so they come back as numpy).
+    Dict keys must be strings (JSON); ints are allowed and restored (optimizer state is keyed by index).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().cpu().contiguous()
+            return {_TENSOR_MARK: path}
+        if isinstance(value, np.ndarray):
+            tensors[path] = torch.from_numpy(np.ascontiguousarray(value))
+            return {_NUMPY_MARK: path}
+        if isinstance(value, dict):
+            out = {}
+            for key, item in value.items():
+                if isinstance(key, bool) or not isinstance(key, (str, int)):
+                    raise TypeError(f"state key {key!r} at {path or '<root>'} must be str or int")
+                # Integer keys are tagged so they round-trip through JSON, where keys are always strings.
+                json_key = f"__int__{key}" if isinstance(key, int) else key
+                out[json_key] = walk(item, f"{path}.{key}" if path else str(key))
+            return out
+        if isinstance(value, (list, tuple)):
+            return [walk(item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value)]
+        if isinstance(value, (np.integer, np.floating)):
+            return value.item()
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        raise TypeError(f"cannot checkpoint a {type(value).__name__} at {path or '<root>'}")
+
+    return walk(state, prefix), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of flatten_state."""
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {_TENSOR_MARK}:
+            return tensors[skeleton[_TENSOR_MARK]]
+        if set(skeleton) == {_NUMPY_MARK}:
+            return tensors[skeleton[_NUMPY_MARK]].numpy()
+        out: dict[Any, Any] = {}
+        for key, item in skeleton.items():
+            real_key: Any = int(key[len("__int__") :]) if key.startswith("__int__") else key
+            out[real_key] = unflatten_state(item, tensors)
+        return out
+    if isinstance(skeleton, list):
+        return [unflatten_state(item, tensors) for item in skeleton]
+    return skeleton
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Save / load
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    model_state: dict[str, torch.Tensor]
+    training_state: Any  # whatever the trainer saved: optimizer, loader, RNG, counters (tensors restored)
+    path: Path
+
+
+def _step_dir(stage_dir: Path, step: int) -> Path:
+    return stage_dir / "state" / f"step_{step:06d}"
+
+
+def save_checkpoint(
+    stage_dir: str | os.PathLike,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    training_state: Any,
+    *,
+    keep: int = 2,
+) -> Path:
+    """Write one complete checkpoint atomically and make it the latest. Returns its folder.
+
+    `keep` most recent checkpoints are kept (older ones are removed after the new one is in place).
+    """
+    stage_dir = Path(stage_dir)
+    final_dir = _step_dir(stage_dir, step)
+    tmp_dir = final_dir.with_name(f"{final_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+
+    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model_state.items()}
+    save_file(weights, str(tmp_dir / "model.safetensors"))
+    skeleton, tensors = flatten_state(training_state)
+    save_file(tensors, str(tmp_dir / "state.safetensors"))
+    with open(tmp_dir / "state.json", "w", encoding="utf-8") as f:
+        json.dump({"step": step, "state": skeleton}, f)
+    for name in ("model.safetensors", "state.safetensors", "state.json"):
+        with open(tmp_dir / name, "rb") as f:
+            os.fsync(f.fileno())
+
+    if final_dir.exists():  # re-saving the same step (e.g. resumed and stopped again): replace it whole
+        shutil.rmtree(final_dir)
+    os.replace(tmp_dir, final_dir)
+    atomic_write_json(stage_dir / "state" / "latest.json", {"step": step})
+    # The top-level model.safetensors is a convenience copy for readers that only want weights.
+    _atomic_copy(final_dir / "model.safetensors", stage_dir / "model.safetensors")
+    _prune(stage_dir, keep=keep, protect=step)
+    return final_dir
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def _prune(stage_dir: Path, *, keep: int, protect: int) -> None:
+    state_dir = stage_dir / "state"
+    for leftover in state_dir.glob("step_*.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    steps = sorted(available_steps(stage_dir))
+    for step in steps[: max(0, len(steps) - max(keep, 1))]:
+        if step != protect:
+            shutil.rmtree(_step_dir(stage_dir, step), ignore_errors=True)
+
+
+def available_steps(stage_dir: str | os.PathLike) -> list[int]:
+    """Steps with a complete checkpoint folder (temporary folders are not complete)."""
+    state_dir = Path(stage_dir) / "state"
+    if not state_dir.is_dir():
+        return []
+    steps = []
+    for child in state_dir.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / "state.json").is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def latest_step(stage_dir: str | os.PathLike) -> int | None:
+    """The step `latest.json` points at, or None when the stage has no checkpoint yet."""
+    pointer = Path(stage_dir) / "state" / "latest.json"
+    if not pointer.is_file():
+        return None
+    try:
+        step = json.loads(pointer.read_text(encoding="utf-8"))["step"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PicochatError(f"{pointer}: unreadable checkpoint pointer ({error}); expected {{\"step\": N}}") from None
+    if not isinstance(step, int) or step not in available_steps(stage_dir):
+        raise PicochatError(f"{pointer}: points at step {step!r}, which has no complete checkpoint")
+    return step
+
+
+def load_checkpoint(stage_dir: str | os.PathLike, step: int | None = None) -> Checkpoint:
+    """Load the checkpoint at `step` (default: the latest). Tensors come back on the CPU."""
+    stage_dir = Path(stage_dir)
+    if step is None:
+        step = latest_step(stage_dir)
+        if step is None:
+            raise PicochatError(f"{stage_dir}: no checkpoint found (expected {stage_dir / 'state' / 'latest.json'})")
+    folder = _step_dir(stage_dir, step)
+    if not (folder / "state.json").is_file():
+        have = ", ".join(map(str, available_steps(stage_dir))) or "none"
+        raise PicochatError(f"{stage_dir}: no checkpoint at step {step} (available: {have})")
+    try:
+        model_state = load_file(str(folder / "model.safetensors"))
+        tensors = load_file(str(folder / "state.safetensors"))
+        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, SafetensorError) as error:
+        raise PicochatError(f"{folder}: damaged checkpoint ({error})") from None
+    return Checkpoint(step=meta["step"], model_state=model_state,
+                      training_state=unflatten_state(meta["state"], tensors), path=folder)
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Weights only, from a stage folder (its model.safetensors) or a .safetensors file."""
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise PicochatError(f"{file}: no weights file")
+    try:
+        return load_file(str(file))
+    except (OSError, SafetensorError) as error:
+        raise PicochatError(f"{file}: damaged weights file ({error})") from None
