@@ -120,11 +120,29 @@ def is_main_process() -> bool:
 _logger = logging.getLogger("picochat")
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message is logged, not the stream of the first call.
+
+    Test runners and progress bars swap sys.stderr; a handler holding on to an old (closed) stream would fail.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Called once by the CLI. Messages go to stderr so stdout stays clean for tables and JSON lines."""
     if _logger.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s picochat: %(message)s", datefmt="%H:%M:%S"))
     _logger.addHandler(handler)
     _logger.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -186,3 +204,43 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None) ->
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device and precision. Precision is explicit (no autocast): weights are fp32 masters and every forward runs in
+# one compute dtype chosen here, once per device. torch is imported inside the functions so that importing
+# this module stays cheap for the CLI.
+
+_DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+def autodetect_device() -> str:
+    """The best device this machine has: "cuda" > "mps" > "cpu"."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def compute_dtype(device: str | Any) -> Any:
+    """The dtype activations are computed in on `device` (a string like "cuda:0" or a torch.device).
+
+    $PICOCHAT_DTYPE (bfloat16 | float16 | float32) wins. Otherwise bfloat16 on CUDA GPUs of compute capability
+    8.0 or newer (Ampere+, where bf16 tensor cores are fast and bf16 has fp32's exponent range, so no loss
+    scaling is needed), and float32 everywhere else (older GPUs, MPS, CPU).
+    """
+    import torch
+
+    name = os.environ.get("PICOCHAT_DTYPE", "").strip()
+    if name:
+        if name not in _DTYPE_NAMES:
+            raise PicochatError(f"$PICOCHAT_DTYPE={name!r}: expected one of {', '.join(_DTYPE_NAMES)}")
+        return getattr(torch, name)
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        if torch.cuda.get_device_capability(device) >= (8, 0):
+            return torch.bfloat16
+    return torch.float32
