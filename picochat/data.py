@@ -124,6 +124,28 @@ def find_text_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return sorted(found.values(), key=lambda p: p.parts)
 
 
+def default_pretraining_files(data_dir: str | os.PathLike) -> list[Path]:
+    """The pretraining corpus when the user names no files: every parquet shard under the data folder.
+
+    Parquet is what the standard sets come as (`picochat data download` puts them in <data_dir>/<dataset>/),
+    while jsonl / txt files in a data folder are often something else (evaluation or chat data), so those are
+    used only when named explicitly.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise PicochatError(
+            f"data folder {data_dir} does not exist: set --data-dir or $PICOCHAT_DATA_DIR, give files, "
+            "or fetch shards with `picochat data download`"
+        )
+    shards = sorted(path for path in data_dir.rglob("*.parquet") if path.is_file())
+    if not shards:
+        raise PicochatError(
+            f"{data_dir}: no .parquet shards found; give text files or folders explicitly, "
+            "or fetch shards with `picochat data download`"
+        )
+    return shards
+
+
 def split_train_val(files: list[Path]) -> tuple[list[Path], list[Path]]:
     """Split by file, so train and validation never share a document: files whose name starts with "val" are
     validation; if there are none and at least 2 files, the last file is validation (nanochat's convention

@@ -151,7 +151,10 @@ def plan_downloads(
     for index in indices:
         if remote is not None:
             filename = remote.filename_template.format(index=index)
-            downloads.append(Download(hf_dataset_url(remote.repo, filename), filename))
+            # The validation shard is saved as val_<name> so that split_train_val holds it out wherever it
+            # sits (its rule: files named val* are validation).
+            local_name = f"val_{filename}" if index == remote.val_shard else filename
+            downloads.append(Download(hf_dataset_url(remote.repo, filename), local_name))
         else:
             try:
                 url = url_template.format(index=index)

@@ -547,3 +547,24 @@ def test_real_data_list_and_check(data_dir, capsys):
     web = data_dir / "pretrain/c4_demo.jsonl"
     assert main(["data", "check", str(folder / "val_00000.parquet"), str(web)]) == 0
     capsys.readouterr()
+
+
+def test_default_pretraining_files_are_the_parquet_shards(data_dir):
+    from picochat.data import default_pretraining_files
+
+    files = default_pretraining_files(data_dir)
+    assert files and all(f.suffix == ".parquet" for f in files)
+    names = {f.parent.name for f in files}
+    assert names == {"wikipedia_en", "gutenberg_books"}
+    train, val = split_train_val(files)
+    assert {f.name for f in val} == {"val_00000.parquet"} and len(val) == 2 and len(train) == 9
+
+
+def test_default_pretraining_files_errors(tmp_path):
+    from picochat.data import default_pretraining_files
+
+    with pytest.raises(PicochatError, match="does not exist"):
+        default_pretraining_files(tmp_path / "missing")
+    (tmp_path / "notes.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(PicochatError, match="no .parquet shards found"):
+        default_pretraining_files(tmp_path)

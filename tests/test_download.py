@@ -149,12 +149,12 @@ def test_parse_shard_spec():
 def test_plan_standard_sets(monkeypatch):
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     plan = plan_downloads("climbmix", num_shards=2)
-    assert [d.filename for d in plan] == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
+    assert [d.filename for d in plan] == ["shard_00000.parquet", "shard_00001.parquet", "val_shard_06542.parquet"]
     assert plan[0].url == (
         "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_00000.parquet"
     )
     assert [d.filename for d in plan_downloads("climbmix", shards="6540-6542")] == [
-        "shard_06540.parquet", "shard_06541.parquet", "shard_06542.parquet"
+        "shard_06540.parquet", "shard_06541.parquet", "val_shard_06542.parquet"
     ]
     fineweb = plan_downloads("fineweb-edu", shards="0,1822")
     assert [d.filename for d in fineweb] == ["shard_00000.parquet", "shard_01822.parquet"]  # no val shard
@@ -206,14 +206,14 @@ def test_hf_endpoint_mode_downloads_train_shards_and_val(server, tmp_path, monke
     capsys.readouterr()
     folder = tmp_path / "climbmix"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"
+        "shard_00000.parquet", "shard_00001.parquet", "val_shard_06542.parquet"
     ]
     for path in folder.iterdir():
-        assert path.read_bytes() == server.files[f"{CLIMBMIX}/{path.name}"]
+        assert path.read_bytes() == server.files[f"{CLIMBMIX}/{path.name.removeprefix('val_')}"]
     assert all(headers.get("Authorization") == "Bearer secret-token" for _, headers in server.requests)
-    # The shards are ready to use: shard 6542 (the last) is the validation split.
+    # The shards are ready to use: shard 6542 (saved as val_*) is the validation split.
     train, val = split_train_val(find_text_files([folder]))
-    assert [p.name for p in val] == ["shard_06542.parquet"]
+    assert [p.name for p in val] == ["val_shard_06542.parquet"]
     texts = [t for t, _ in iter_documents(train)]
     assert len(texts) == 24 and texts[0].startswith("shard 0 document 0")
 

@@ -492,7 +492,7 @@ def test_cli_train_without_data_is_a_clear_error(tmp_path, capsys):
     status = main(["tokenizer", "train", "--data-dir", str(tmp_path / "empty"), "--run-dir", str(tmp_path)])
     assert status == 2
     line = only_error_line(capsys.readouterr().err)
-    assert line.startswith("picochat: error:") and "pretrain" in line
+    assert line.startswith("picochat: error:") and "does not exist" in line
 
 
 def test_cli_train_malformed_file_is_a_clear_error(tmp_path, capsys):

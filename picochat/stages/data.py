@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Flags shared by list and check (where the files are and how to read them).
     reading = argparse.ArgumentParser(add_help=False)
     reading.add_argument("paths", nargs="*", metavar="PATH",
-                         help="files or folders to read (default: the data folder)")
+                         help="files or folders to read (default: every parquet shard under the data folder)")
     reading.add_argument("--data-dir", help=DATA_DIR_HELP)
     reading.add_argument("--text-column", default="text", help="parquet column / jsonl field with the text")
     reading.add_argument("--txt-delimiter", default=None,
@@ -89,20 +89,14 @@ def _text_format(args):
 
 def _find_files(args) -> tuple[list[Path], list[Path]]:
     """(files, roots): the given paths, else the data folder."""
-    from picochat.common import PicochatError, resolve_data_dir
-    from picochat.data import find_text_files
+    from picochat.common import resolve_data_dir
+    from picochat.data import default_pretraining_files, find_text_files
 
     if args.paths:
         roots = [Path(p) for p in args.paths]
-    else:
-        data_dir = resolve_data_dir(args.data_dir)
-        if not data_dir.is_dir():
-            raise PicochatError(
-                f"data folder {data_dir} does not exist: give files or folders, set --data-dir, "
-                "or fetch shards with `picochat data download`"
-            )
-        roots = [data_dir]
-    return find_text_files(roots), roots
+        return find_text_files(roots), roots
+    data_dir = resolve_data_dir(args.data_dir)
+    return default_pretraining_files(data_dir), [data_dir]
 
 
 def _display_name(path: Path, roots: list[Path]) -> str:

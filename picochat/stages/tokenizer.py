@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "paths",
         nargs="*",
         help="text files or folders (.parquet, .jsonl, .jsonl.gz, .txt, .txt.gz); files named val* are held out "
-        "(see `picochat data`). Default: the parquet shards under <data-dir>/pretrain",
+        "(see `picochat data`). Default: every parquet shard under <data-dir>",
     )
     _add_location_flags(train)
     train.add_argument(
@@ -136,19 +136,6 @@ def run(args: argparse.Namespace) -> int:
 # train
 
 
-def default_training_paths(data_dir: Path) -> list[Path]:
-    """All parquet shards under <data_dir>/pretrain (the val_* ones are set aside later by split_train_val)."""
-    pretrain = data_dir / "pretrain"
-    if not pretrain.is_dir():
-        raise PicochatError(
-            f"{pretrain}: folder not found; pass text files or folders to train on, or --data-dir (see `picochat data`)"
-        )
-    shards = sorted(pretrain.rglob("*.parquet"))
-    if not shards:
-        raise PicochatError(f"{pretrain}: no .parquet shards found; pass text files or folders to train on")
-    return shards
-
-
 def training_texts(
     files: list[Path], *, max_chars: int, doc_cap: int, text_column: str = "text", stats: dict | None = None
 ) -> Iterator[str]:
@@ -174,11 +161,11 @@ def training_texts(
 
 def train(args: argparse.Namespace) -> int:
     from picochat import __version__
-    from picochat.data import find_text_files, split_train_val
+    from picochat.data import default_pretraining_files, find_text_files, split_train_val
     from picochat.tokenizer import MIN_VOCAB_SIZE, TOKENIZER_FILE, Tokenizer
 
     run_dir = resolve_run_dir(args.run, args.run_dir)
-    paths = args.paths or default_training_paths(resolve_data_dir(args.data_dir))
+    paths = args.paths or default_pretraining_files(resolve_data_dir(args.data_dir))
     train_files, held_out = split_train_val(find_text_files(paths))
     if not train_files:
         raise PicochatError(f"no training files: all of {[str(p) for p in paths]} are validation files (val*)")
