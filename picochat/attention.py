@@ -1,0 +1,295 @@
+"""Causal self-attention with sliding windows: the one attention function the model calls.
+
+Layout. Everything here uses the model's natural layout (B, T, H, D): batch, time, heads, head dim. Queries
+have H heads, keys and values H_kv heads with H_kv dividing H (grouped-query attention: each key/value head
+serves H / H_kv consecutive query heads). SDPA and FlexAttention want (B, H, T, D), so we transpose at the
+boundary; flash-attn takes (B, T, H, D) as is.
+
+Windows. `window` counts how far back a query may look: the query at absolute position i sees the key at
+position j iff  0 <= i - j <= window.  So window = 0 is "attend to yourself only", and any window >= T - 1 is
+plain causal attention over T tokens. This is the `(left, 0)` convention of flash-attn's `window_size`.
+
+Three situations share this one function:
+  training  q, k, v all cover the same T positions 0..T-1 (no cache).
+  prefill   a chunk of T new tokens after P cached ones: the new keys/values are written into the cache at
+            P..P+T-1 and the queries (positions P..P+T-1) attend over cache[0 : P+T].
+  decode    the same with T = 1.
+
+Backends. "sdpa" (torch.nn.functional.scaled_dot_product_attention) works everywhere and is the reference.
+It picks a fused kernel itself when there is no explicit mask, so plain causal attention is fast; a sliding
+window needs an explicit boolean mask, and the fused kernels then mostly fall back to slower paths.
+Two faster kernels are used only where present:
+  "flash"  the flash-attn package (if importable) on CUDA in bf16/fp16: native sliding windows, GQA and
+           KV-cache offsets (its causal mask is aligned bottom-right, exactly our convention).
+  "flex"   torch FlexAttention with a block-sparse mask on CUDA, for training-shaped calls whose window is
+           shorter than the sequence (whole blocks outside the window are skipped). Cached calls use SDPA,
+           because every new cache length would compile a new kernel.
+The default "auto" picks flash > flex > sdpa by those rules; set_backend() or the `backend` argument forces
+one (tests compare each against SDPA and against a naive softmax(QK^T/sqrt(D))V). Forced "flex" also runs on
+CPU, uncompiled and forward-only (torch has no CPU backward for it): useful for checking masks, nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from picochat.common import PicochatError
+
+BACKENDS = ("auto", "sdpa", "flex", "flash")
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Choose the attention backend for every later call: "auto" (default), "sdpa", "flex" or "flash"."""
+    global _backend
+    if name not in BACKENDS:
+        raise PicochatError(f"attention backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@functools.cache
+def _flash_attn_func():
+    """flash-attn's flash_attn_func if the package imports (it needs CUDA), else None. Looked up once."""
+    try:
+        from flash_attn import flash_attn_func
+    except Exception:  # not installed, or installed but built for another torch/CUDA: either way unusable
+        return None
+    return flash_attn_func
+
+
+def flash_attn_available() -> bool:
+    return _flash_attn_func() is not None
+
+
+def flex_attention_available() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The KV cache: keys and values of every layer for B rows that all sit at the same position. The model
+# writes layer i's new keys/values through attention() and advances the position once, after the last layer.
+
+
+class KVCache:
+    """Keys and values of all layers for inference, preallocated to `max_len` tokens.
+
+    keys, values: (n_layer, B, max_len, H_kv, D) in the compute dtype.
+    position: how many tokens are already cached (the same for every row; the next token's position).
+    prev_embedding: (B, 1, C) normalized embedding of the last token seen, which the model's "smear" mixes
+        into the next token (None before the first token).
+    """
+
+    def __init__(
+        self,
+        *,
+        n_layer: int,
+        batch_size: int,
+        max_len: int,
+        n_kv_head: int,
+        head_dim: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ):
+        shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.position = 0
+        self.prev_embedding: torch.Tensor | None = None
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.size(2)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.size(1)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (B, max_len, H_kv, D) of one layer's keys and values; attention() writes into them."""
+        return self.keys[index], self.values[index]
+
+    def check_room(self, num_tokens: int) -> None:
+        if self.position + num_tokens > self.max_len:
+            raise ValueError(
+                f"KV cache full: {self.position} cached + {num_tokens} new tokens > max_len {self.max_len}"
+            )
+
+    def advance(self, num_tokens: int) -> None:
+        self.check_room(num_tokens)
+        self.position += num_tokens
+
+    def reset(self) -> None:
+        self.position = 0
+        self.prev_embedding = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The entry point.
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    key_cache: torch.Tensor | None = None,
+    value_cache: torch.Tensor | None = None,
+    cache_position: int = 0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal sliding-window attention. Returns (B, T, H, D).
+
+    q: (B, T, H, D); k, v: (B, T, H_kv, D) for the T new tokens.
+    window: the query at position i sees keys at positions i - window .. i (see the module docstring).
+    key_cache, value_cache: one layer's cache, (B, max_len, H_kv, D), or None for a training call. When given,
+        k and v are written at cache_position .. cache_position + T - 1 and the queries attend over
+        cache[:, : cache_position + T]. The caller advances the position afterwards.
+    backend: override the module-wide choice ("auto", "sdpa", "flex", "flash") for this call.
+    The softmax scale is the usual 1/sqrt(D).
+    """
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    num_new = q.size(1)
+    if key_cache is not None:
+        end = cache_position + num_new
+        if end > key_cache.size(1):
+            raise ValueError(f"KV cache overflow: position {cache_position} + {num_new} > {key_cache.size(1)}")
+        key_cache[:, cache_position:end] = k
+        value_cache[:, cache_position:end] = v
+        k, v = key_cache[:, :end], value_cache[:, :end]
+
+    name = _choose_backend(q, window, cached=key_cache is not None, requested=backend or _backend)
+    if name == "flash":
+        return _flash(q, k, v, window)
+    if name == "flex":
+        return _flex(q, k, v, window)
+    return _sdpa(q, k, v, window)
+
+
+def _choose_backend(q: torch.Tensor, window: int, *, cached: bool, requested: str) -> str:
+    if requested not in BACKENDS:
+        raise PicochatError(f"attention backend {requested!r}: expected one of {', '.join(BACKENDS)}")
+    half_precision = q.dtype in (torch.bfloat16, torch.float16)
+    if requested == "flash":
+        if not (flash_attn_available() and q.is_cuda and half_precision):
+            raise PicochatError(
+                "attention backend 'flash' needs the flash-attn package, a CUDA device and bf16/fp16 "
+                "(use 'auto' or 'sdpa')"
+            )
+        return "flash"
+    if requested == "flex":
+        if not flex_attention_available():
+            raise PicochatError("attention backend 'flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+        # Cached calls change length every step: a compiled flex kernel per length is not worth it.
+        return "sdpa" if cached else "flex"
+    if requested == "sdpa":
+        return "sdpa"
+    # auto
+    if q.is_cuda and half_precision and flash_attn_available():
+        return "flash"
+    window_binds = window < q.size(1) - 1
+    if q.is_cuda and not cached and window_binds and flex_attention_available():
+        return "flex"
+    return "sdpa"
+
+
+def sliding_window_causal_mask(
+    num_queries: int, num_keys: int, window: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Boolean (num_queries, num_keys) mask, True = may attend. The queries are the LAST num_queries
+    positions of the num_keys (so query r sits at absolute position num_keys - num_queries + r)."""
+    query_pos = torch.arange(num_keys - num_queries, num_keys, device=device).unsqueeze(1)
+    key_pos = torch.arange(num_keys, device=device).unsqueeze(0)
+    distance = query_pos - key_pos
+    return (distance >= 0) & (distance <= window)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    num_queries, num_keys = q.size(1), k.size(1)
+    mask = None
+    is_causal = False
+    if num_queries == 1:
+        # Decode: the single query is the last position, so causality is automatic; the window just means
+        # "only the last window + 1 keys", a slice (no mask, so the fused kernels stay usable).
+        start = max(0, num_keys - 1 - window)
+        k, v = k[:, start:], v[:, start:]
+    elif num_queries == num_keys and window >= num_keys - 1:
+        # Plain causal attention (training, or a prefill into an empty cache): the fast path, no mask.
+        is_causal = True
+    else:
+        # A binding window, or a chunk after cached tokens (SDPA's is_causal aligns top-left, which is wrong
+        # when there are more keys than queries): an explicit mask.
+        mask = sliding_window_causal_mask(num_queries, num_keys, window, device=q.device)
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=is_causal,
+        enable_gqa=q.size(2) != k.size(2),
+    )
+    return y.transpose(1, 2)
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    # flash-attn takes (B, T, H, D), handles H_kv < H itself and aligns its causal mask bottom-right, so the
+    # same call serves training, prefill-after-cache and decode. (-1, 0) means "no limit on the left".
+    left = window if window < k.size(1) - 1 else -1
+    return _flash_attn_func()(q, k, v, causal=True, window_size=(left, 0))
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # FlexAttention only becomes a fused kernel under torch.compile; uncompiled it is a slow reference
+    # implementation (still correct, which is what the CPU tests use).
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_block_mask(num_tokens: int, window: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def sliding_window_causal(batch, head, query_index, key_index):
+        distance = query_index - key_index
+        return (distance >= 0) & (distance <= window)
+
+    return create_block_mask(sliding_window_causal, None, None, num_tokens, num_tokens, device=device)
+
+
+# Eagerly the block mask is built once per (length, window, device) and reused by every layer and step.
+_cached_flex_block_mask = functools.lru_cache(maxsize=32)(_flex_block_mask)
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    num_tokens = q.size(1)
+    if torch.compiler.is_compiling():
+        # Inside a compiled model: let the compiler trace the mask construction and the kernel itself.
+        kernel, block_mask = flex_attention, _flex_block_mask(num_tokens, window, str(q.device))
+    else:
+        kernel = _compiled_flex_attention() if q.is_cuda else flex_attention
+        block_mask = _cached_flex_block_mask(num_tokens, window, str(q.device))
+    y = kernel(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        block_mask=block_mask,
+        scale=1.0 / math.sqrt(q.size(-1)),
+        enable_gqa=q.size(2) != k.size(2),
+    )
+    return y.transpose(1, 2)
