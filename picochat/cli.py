@@ -19,6 +19,7 @@ from picochat.common import PicochatError, setup_logging
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("data", "picochat.stages.data", "list, check and download text shards"),
     ("tokenizer", "picochat.stages.tokenizer", "train and evaluate the byte-level BPE tokenizer"),
+    ("pretrain", "picochat.stages.pretrain", "pretrain the GPT (size from --depth), with exact resume"),
 ]
 
 
