@@ -230,3 +230,68 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(file))
     except (OSError, SafetensorError) as error:
         raise PicochatError(f"{file}: damaged weights file ({error})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building a trained model from a stage folder. Every training stage writes <stage_dir>/config.json with the
+# model's shape under the key "model" (GPTConfig.to_dict()) next to its weights; this is the one reader of that.
+
+STAGE_ORDER = ("rl", "sft", "mid", "base")  # later stages first: the default model of a run is its newest stage
+
+
+def read_stage_config(stage_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(stage_dir) / "config.json"
+    if not path.is_file():
+        raise PicochatError(f"{path}: not found (is {Path(stage_dir)} a trained stage folder?)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise PicochatError(f"{path}: unreadable ({error})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise PicochatError(f"{path}: expected a JSON object with the model shape under \"model\"")
+    return config
+
+
+def find_stage_dir(run_dir: str | os.PathLike, stage: str | None = None) -> Path:
+    """The stage folder to load from a run: `stage` if given, else the newest stage that has weights."""
+    run_dir = Path(run_dir)
+    if stage is not None:
+        if stage not in STAGE_ORDER:
+            raise PicochatError(f"--stage {stage!r}: expected one of {', '.join(STAGE_ORDER)}")
+        if not (run_dir / stage / "model.safetensors").is_file():
+            raise PicochatError(f"{run_dir / stage}: no trained model there (model.safetensors missing)")
+        return run_dir / stage
+    for name in STAGE_ORDER:
+        if (run_dir / name / "model.safetensors").is_file():
+            return run_dir / name
+    raise PicochatError(f"{run_dir}: no trained model in any stage ({', '.join(STAGE_ORDER)}); run `picochat pretrain`")
+
+
+def load_model(
+    stage_dir: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    step: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+):
+    """A GPT with the stage's weights (the latest, or those of checkpoint `step`), in eval mode.
+
+    Built on the meta device and materialised directly on `device` (no throw-away random init on the CPU).
+    """
+    from picochat.common import autodetect_device
+    from picochat.gpt import GPT, GPTConfig
+
+    stage_dir = Path(stage_dir)
+    config = GPTConfig.from_dict(read_stage_config(stage_dir)["model"], source=str(stage_dir / "config.json"))
+    weights = load_weights(stage_dir) if step is None else load_checkpoint(stage_dir, step).model_state
+    model = GPT.build(config, device or autodetect_device(), compute_dtype=compute_dtype)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    found = {name: tuple(tensor.shape) for name, tensor in weights.items()}
+    if expected != found:
+        problems = [f"missing {name}" for name in expected.keys() - found.keys()]
+        problems += [f"unexpected {name}" for name in found.keys() - expected.keys()]
+        problems += [f"{name} has shape {found[name]}, config says {expected[name]}"
+                     for name in expected.keys() & found.keys() if expected[name] != found[name]]
+        raise PicochatError(f"{stage_dir}: weights do not match config.json: {'; '.join(sorted(problems)[:4])}")
+    model.load_state_dict(weights)
+    return model.eval()

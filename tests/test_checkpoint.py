@@ -93,3 +93,25 @@ def test_missing_and_damaged_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "state" / "latest.json").write_text("{not json")
     with pytest.raises(PicochatError, match="unreadable checkpoint pointer"):
         latest_step(tmp_path)
+
+
+def test_load_model_round_trip_and_stage_choice(tmp_path):
+    from picochat.checkpoint import find_stage_dir, load_model
+    from picochat.common import atomic_write_json
+    from picochat.gpt import GPT, GPTConfig
+
+    config = GPTConfig(sequence_len=16, vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    model = GPT.build(config, "cpu")
+    stage = tmp_path / "base"
+    atomic_write_json(stage / "config.json", {"model": config.to_dict()})
+    save_checkpoint(stage, 3, model.state_dict(), {})
+    with pytest.raises(PicochatError, match="no trained model"):
+        find_stage_dir(tmp_path, "sft")
+    assert find_stage_dir(tmp_path) == stage
+    loaded = load_model(find_stage_dir(tmp_path), device="cpu")
+    tokens = torch.randint(0, 100, (1, 8))
+    assert torch.equal(loaded(tokens), model.eval()(tokens))
+    assert load_model(stage, device="cpu", step=3).config == config
+    atomic_write_json(stage / "config.json", {"model": {**config.to_dict(), "n_layer": 3}})
+    with pytest.raises(PicochatError, match="do not match"):
+        load_model(stage, device="cpu")
