@@ -20,6 +20,9 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("data", "picochat.stages.data", "list, check and download text shards"),
     ("tokenizer", "picochat.stages.tokenizer", "train and evaluate the byte-level BPE tokenizer"),
     ("pretrain", "picochat.stages.pretrain", "pretrain the GPT (size from --depth), with exact resume"),
+    ("eval", "picochat.stages.evaluate", "evaluate a model: CORE, bits per byte"),
+    ("chat", "picochat.stages.chat", "talk to a trained model in the terminal (or one-shot with -p)"),
+    ("report", "picochat.stages.report", "write the run's report card (report.md with tables and plots)"),
 ]
 
 
