@@ -103,10 +103,46 @@ class KVCache:
         dtype: torch.dtype,
     ):
         shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        # Uninitialised on purpose: attention only ever reads positions below `position`, which were written
+        # first, and not zero-filling a large cache keeps the time to the first token short.
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
         self.position = 0
         self.prev_embedding: torch.Tensor | None = None
+
+    @classmethod
+    def replicate(cls, source: KVCache, batch_size: int, max_len: int) -> KVCache:
+        """A cache of `batch_size` rows and room for `max_len` tokens whose every row continues `source`'s single
+        row: its cached tokens and smear state are copied. Inference prefills a prompt once at batch 1, then
+        decodes many samples from it."""
+        if source.batch_size != 1:
+            raise ValueError(f"replicate: the source cache must have 1 row, it has {source.batch_size}")
+        if max_len < source.position:
+            raise ValueError(f"replicate: max_len {max_len} < the {source.position} tokens already cached")
+        n_layer, _, _, n_kv_head, head_dim = source.keys.shape
+        cache = cls(n_layer=n_layer, batch_size=batch_size, max_len=max_len, n_kv_head=n_kv_head,
+                    head_dim=head_dim, device=source.keys.device, dtype=source.keys.dtype)  # fmt: skip
+        used = source.position
+        cache.keys[:, :, :used] = source.keys[:, :, :used]  # broadcast over the rows
+        cache.values[:, :, :used] = source.values[:, :, :used]
+        cache.position = used
+        if source.prev_embedding is not None:
+            cache.prev_embedding = source.prev_embedding.expand(batch_size, -1, -1).clone()
+        return cache
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (1-D indices, in that order), e.g. to stop computing samples that have finished.
+        Only the cached prefix is copied."""
+        used = self.position
+        n_layer, _, max_len, n_kv_head, head_dim = self.keys.shape
+        shape = (n_layer, rows.numel(), max_len, n_kv_head, head_dim)
+        keys = torch.empty(shape, device=self.keys.device, dtype=self.keys.dtype)
+        values = torch.empty(shape, device=self.keys.device, dtype=self.keys.dtype)
+        keys[:, :, :used] = self.keys[:, rows, :used]
+        values[:, :, :used] = self.values[:, rows, :used]
+        self.keys, self.values = keys, values
+        if self.prev_embedding is not None:
+            self.prev_embedding = self.prev_embedding[rows]
 
     @property
     def max_len(self) -> int:
@@ -226,6 +262,16 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tor
         # "only the last window + 1 keys", a slice (no mask, so the fused kernels stay usable).
         start = max(0, num_keys - 1 - window)
         k, v = k[:, start:], v[:, start:]
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            # PyTorch's CPU kernel is slow for one bf16/fp16 query (3-8x slower than this at d4-d6 shapes):
+            # upcast the query and the window of keys/values, attend in fp32 (also the more accurate), cast back.
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2).float(),
+                k.transpose(1, 2).float(),
+                v.transpose(1, 2).float(),
+                enable_gqa=q.size(2) != k.size(2),
+            )
+            return y.transpose(1, 2).to(q.dtype)
     elif num_queries == num_keys and window >= num_keys - 1:
         # Plain causal attention (training, or a prefill into an empty cache): the fast path, no mask.
         is_causal = True
