@@ -1,7 +1,70 @@
 """picochat: train your own small ChatGPT end to end, on one CPU or many GPUs.
 
 Importing the package does no work: every module imports its heavy dependencies (torch, pyarrow, ...) only
-where it needs them, so `picochat --help` stays fast.
+where it needs them, so `picochat --help` stays fast. The two names of the Python API are loaded on first use:
+
+    import picochat
+    model, tokenizer = picochat.load("myrun")          # the newest trained stage of runs/myrun
+    engine = picochat.Engine(model, tokenizer)
+    for piece in engine.stream_chat([{"role": "user", "content": "Why is the sky blue?"}]):
+        print(piece.text, end="", flush=True)
 """
 
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def load(
+    run_or_path: str | os.PathLike,
+    *,
+    stage: str | None = None,
+    step: int | None = None,
+    device: str | None = None,
+    compute_dtype=None,
+):
+    """(model, tokenizer) of a trained run, ready for inference (eval mode, weights in the compute dtype).
+
+    run_or_path: a run name (a folder under $PICOCHAT_HOME/runs), a run folder, or a stage folder (e.g.
+        runs/myrun/sft). stage: "base", "sft", "rl", ... (default: the newest stage with weights).
+    step: a saved checkpoint step of that stage (default: its latest weights). device: default the best present.
+    compute_dtype: a torch dtype (default: the device's compute dtype, bf16 on recent GPUs, fp32 on CPU).
+    """
+    from picochat.checkpoint import load_model
+    from picochat.engine import prepare_for_inference
+    from picochat.tokenizer import Tokenizer
+
+    run_dir, stage_dir = locate_stage(run_or_path, stage)
+    tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    model = load_model(stage_dir, device=device, step=step, compute_dtype=compute_dtype)
+    return prepare_for_inference(model, compute_dtype, copy=False), tokenizer
+
+
+def locate_stage(run_or_path: str | os.PathLike, stage: str | None = None) -> tuple[Path, Path]:
+    """(run folder, stage folder) for a run name, a run folder or a stage folder."""
+    from picochat.checkpoint import find_stage_dir
+    from picochat.common import PicochatError, picochat_home, resolve_run_dir
+
+    path = Path(run_or_path).expanduser()
+    if not path.is_dir():
+        name = str(run_or_path)
+        if "/" in name or os.sep in name or not (picochat_home() / "runs" / name).is_dir():
+            raise PicochatError(f"{name}: neither a folder nor a run in {picochat_home() / 'runs'}")
+        path = resolve_run_dir(run=name)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():  # a stage folder
+        if stage is not None and stage != path.name:
+            raise PicochatError(f"{path} is the {path.name!r} stage folder, but stage {stage!r} was asked for")
+        return path.parent, path
+    return path, find_stage_dir(path, stage)
+
+
+def __getattr__(name: str):
+    # `picochat.Engine` without importing torch when the package is imported.
+    if name == "Engine":
+        from picochat.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'picochat' has no attribute {name!r}")
