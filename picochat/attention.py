@@ -9,11 +9,13 @@ Windows. `window` counts how far back a query may look: the query at absolute po
 position j iff  0 <= i - j <= window.  So window = 0 is "attend to yourself only", and any window >= T - 1 is
 plain causal attention over T tokens. This is the `(left, 0)` convention of flash-attn's `window_size`.
 
-Three situations share this one function:
+Four situations share this one function:
   training  q, k, v all cover the same T positions 0..T-1 (no cache).
   prefill   a chunk of T new tokens after P cached ones: the new keys/values are written into the cache at
             P..P+T-1 and the queries (positions P..P+T-1) attend over cache[0 : P+T].
   decode    the same with T = 1.
+  batched   rows at different positions (continuous batching, SlotKVCache): each row writes and reads at its own
+            position, with a per-row mask (SDPA).
 
 Backends. "sdpa" (torch.nn.functional.scaled_dot_product_attention) works everywhere and is the reference.
 It picks a fused kernel itself when there is no explicit mask, so plain causal attention is fast; a sliding
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +175,135 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The slot cache: rows that sit at DIFFERENT positions, for continuous batching (a server decodes many requests
+# in one forward; requests join and leave between steps). Each request is prefilled alone into an ordinary
+# KVCache, then copied into a free row here. The rows in use are always 0 .. num_rows - 1: a leaving row is
+# replaced by the last one (one row copied, like a list's swap-remove), so a forward runs on exactly the rows in
+# use, through plain views of the cache, with no gather.
+
+
+@dataclass(frozen=True)
+class RowPositions:
+    """The cache positions of a batch whose rows sit at different lengths (what SlotKVCache.position gives).
+
+    first: (B,) long tensor on the device, the position of each row's first new token.
+    lowest, highest: min and max of `first`, kept on the host so that slicing needs no device sync.
+    """
+
+    first: torch.Tensor
+    lowest: int
+    highest: int
+
+
+class SlotKVCache:
+    """Keys and values for up to `capacity` rows, each at its own length (continuous batching).
+
+    The model uses it like a KVCache: layer(i) gives views of the rows in use, `position` is a RowPositions
+    (attention() then writes each row's new keys at that row's own position and masks each row's keys to its own
+    causal window), `prev_embedding` holds each row's last embedding for the smear, advance() moves every row.
+    Zero-filled on purpose: a row's keys past its length are stale or unused, and masked; masked keys must still
+    be finite numbers, because softmax weight 0 times NaN would still be NaN.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_layer: int,
+        capacity: int,
+        max_len: int,
+        n_kv_head: int,
+        head_dim: int,
+        embedding_dim: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ):
+        shape = (n_layer, capacity, max_len, n_kv_head, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self._prev_embedding = torch.zeros(capacity, 1, embedding_dim, device=device, dtype=dtype)
+        self.lengths: list[int] = []  # tokens cached per row in use (host copy: no device syncs)
+        self._lengths = torch.zeros(capacity, dtype=torch.long, device=device)  # the same, on the device
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.size(1)
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.size(2)
+
+    @property
+    def batch_size(self) -> int:
+        """The rows in use (a forward must feed exactly this many rows)."""
+        return len(self.lengths)
+
+    @property
+    def position(self) -> RowPositions:
+        rows = self.batch_size
+        if rows == 0:
+            raise ValueError("SlotKVCache: no rows in use")
+        return RowPositions(self._lengths[:rows], min(self.lengths), max(self.lengths))
+
+    @property
+    def prev_embedding(self) -> torch.Tensor:
+        return self._prev_embedding[: self.batch_size]
+
+    @prev_embedding.setter
+    def prev_embedding(self, value: torch.Tensor) -> None:
+        self._prev_embedding[: self.batch_size] = value
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.batch_size
+        return self.keys[index, :rows], self.values[index, :rows]
+
+    def check_room(self, num_tokens: int) -> None:
+        if self.lengths and max(self.lengths) + num_tokens > self.max_len:
+            raise ValueError(f"SlotKVCache full: a row of {max(self.lengths)} + {num_tokens} tokens > {self.max_len}")
+
+    def advance(self, num_tokens: int) -> None:
+        self.check_room(num_tokens)
+        self.lengths = [length + num_tokens for length in self.lengths]
+        self._lengths[: self.batch_size] += num_tokens
+
+    def add_row(self, source: KVCache) -> int:
+        """Copy a prefilled 1-row KVCache into the next free row; returns that row's index."""
+        if source.batch_size != 1:
+            raise ValueError(f"add_row: the source cache must have 1 row, it has {source.batch_size}")
+        if self.batch_size == self.capacity:
+            raise ValueError(f"add_row: all {self.capacity} rows are in use")
+        used = source.position
+        if used > self.max_len:
+            raise ValueError(f"add_row: {used} cached tokens do not fit rows of {self.max_len}")
+        row = self.batch_size
+        self.keys[:, row, :used] = source.keys[:, 0, :used]
+        self.values[:, row, :used] = source.values[:, 0, :used]
+        if source.prev_embedding is not None:
+            self._prev_embedding[row] = source.prev_embedding[0]
+        self._lengths[row] = used
+        self.lengths.append(used)
+        return row
+
+    def remove_rows(self, rows: list[int]) -> list[int]:
+        """Stop using `rows`. Each removed row is refilled by the current last row (only its cached prefix is
+        copied). Returns, for every remaining row in its new order, the index it had before, so callers can
+        reorder whatever they keep per row (e.g. `state = [state[i] for i in order]`)."""
+        order = list(range(self.batch_size))
+        for row in sorted(set(rows), reverse=True):
+            last = len(order) - 1
+            if row != last:
+                used = self.lengths[last]
+                self.keys[:, row, :used] = self.keys[:, last, :used]
+                self.values[:, row, :used] = self.values[:, last, :used]
+                self._prev_embedding[row] = self._prev_embedding[last]
+                self._lengths[row] = used
+                self.lengths[row] = used
+                order[row] = order[last]
+            order.pop()
+            self.lengths.pop()
+        return order
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The entry point.
 
 
@@ -183,7 +315,7 @@ def attention(
     window: int,
     key_cache: torch.Tensor | None = None,
     value_cache: torch.Tensor | None = None,
-    cache_position: int = 0,
+    cache_position: int | RowPositions = 0,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Causal sliding-window attention. Returns (B, T, H, D).
@@ -193,11 +325,15 @@ def attention(
     key_cache, value_cache: one layer's cache, (B, max_len, H_kv, D), or None for a training call. When given,
         k and v are written at cache_position .. cache_position + T - 1 and the queries attend over
         cache[:, : cache_position + T]. The caller advances the position afterwards.
+    cache_position: a RowPositions (from a SlotKVCache) when the rows sit at different positions: each row's
+        keys are written at its own position and a per-row mask keeps each query to its own window (SDPA).
     backend: override the module-wide choice ("auto", "sdpa", "flex", "flash") for this call.
     The softmax scale is the usual 1/sqrt(D).
     """
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
+    if isinstance(cache_position, RowPositions):
+        return _attention_per_row(q, k, v, window, key_cache, value_cache, cache_position)
     num_new = q.size(1)
     if key_cache is not None:
         end = cache_position + num_new
@@ -288,6 +424,30 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tor
         enable_gqa=q.size(2) != k.size(2),
     )
     return y.transpose(1, 2)
+
+
+def _attention_per_row(q, k, v, window: int, key_cache, value_cache, rows: RowPositions) -> torch.Tensor:
+    """Rows at different positions: row b's T new tokens sit at rows.first[b] + 0 .. T-1. Keys are read over
+    the span every row needs, [lowest - window, highest + T), and a (B, T, keys) mask keeps each query to
+    0 <= query position - key position <= window, which also hides other rows' longer (or stale) tail."""
+    B, T = q.shape[:2]
+    query_positions = rows.first.unsqueeze(1) + torch.arange(T, device=q.device)  # (B, T)
+    if rows.highest + T > key_cache.size(1):
+        raise ValueError(f"KV cache overflow: position {rows.highest} + {T} > {key_cache.size(1)}")
+    batch_index = torch.arange(B, device=q.device).unsqueeze(1).expand(B, T)
+    key_cache[batch_index, query_positions] = k
+    value_cache[batch_index, query_positions] = v
+    start, end = max(0, rows.lowest - window), rows.highest + T
+    distance = query_positions.unsqueeze(2) - torch.arange(start, end, device=q.device)  # (B, T, keys)
+    mask = ((distance >= 0) & (distance <= window)).unsqueeze(1)  # (B, 1, T, keys): the same for every head
+    keys, values = key_cache[:, start:end], value_cache[:, start:end]
+    # On CPU attend in fp32, as the single-row decode does (faster there for bf16, and more accurate).
+    upcast = q.device.type == "cpu" and q.dtype != torch.float32
+    compute = (lambda t: t.transpose(1, 2).float()) if upcast else (lambda t: t.transpose(1, 2))
+    y = F.scaled_dot_product_attention(
+        compute(q), compute(keys), compute(values), attn_mask=mask, enable_gqa=q.size(2) != keys.size(2)
+    )
+    return y.transpose(1, 2).to(q.dtype)
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:

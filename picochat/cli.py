@@ -22,6 +22,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("pretrain", "picochat.stages.pretrain", "pretrain the GPT (size from --depth), with exact resume"),
     ("eval", "picochat.stages.evaluate", "evaluate a model: CORE, bits per byte"),
     ("chat", "picochat.stages.chat", "talk to a trained model in the terminal (or one-shot with -p)"),
+    ("serve", "picochat.stages.serve", "serve the web chat UI and an OpenAI-compatible API"),
     ("report", "picochat.stages.report", "write the run's report card (report.md with tables and plots)"),
 ]
 

@@ -101,7 +101,9 @@ def sample_next_token(
             logits, candidates = torch.sort(logits, dim=-1, descending=True)
         probabilities = torch.softmax(logits, dim=-1)
         mass_before = probabilities.cumsum(dim=-1) - probabilities  # probability of the more likely tokens
-        logits = logits.masked_fill(mass_before >= top_p, float("-inf"))
+        outside = mass_before >= top_p
+        outside[..., 0] = False  # the most likely token stays even if top_p rounds to 0 in the logits' dtype
+        logits = logits.masked_fill(outside, float("-inf"))
     probabilities = torch.softmax(logits, dim=-1)
     choice = torch.multinomial(probabilities, num_samples=1, generator=generator).squeeze(-1)
     if candidates is None:
@@ -210,6 +212,9 @@ class _Row:
     forced: deque = field(default_factory=deque)  # tokens to force before sampling again
     tool_tokens: list | None = None  # collecting a tool call (between python_start and python_end)
     finished: bool = False
+
+
+RowState = _Row  # the public name, for schedulers that batch samples themselves (picochat.serve)
 
 
 class Engine:
@@ -361,6 +366,11 @@ class Engine:
         elif row.tool_tokens is not None:
             row.tool_tokens.append(token)
         return token, mask
+
+    def advance_row(self, row: RowState, sampled: int, stops: frozenset) -> tuple[int, int]:
+        """One step of one sample's tool-use state machine, for callers that run the forwards and the sampling
+        themselves (picochat.serve batches many requests): the (token, mask) that enters the sequence."""
+        return self._advance(row, sampled, stops)
 
     def _run_tool(self, call: str) -> str | None:
         try:

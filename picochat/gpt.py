@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from picochat import common
-from picochat.attention import KVCache, attention
+from picochat.attention import KVCache, RowPositions, SlotKVCache, attention
 from picochat.common import PicochatError
 
 SOFTCAP = 15.0  # logits are squashed into (-15, 15)
@@ -185,10 +185,13 @@ def rotary_tables(
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each pair (x[..., i], x[..., i + D/2]) of every head by its position's angle (half-split RoPE):
-    (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos). Dot products q.k then depend only on relative position."""
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos). Dot products q.k then depend only on relative position.
+
+    Computed as x * [cos, cos] + [x2, x1] * [-sin, sin]: one swap of the halves and one multiply-add over the whole
+    head, rather than four products of half-width slices and a concatenation (~3x faster on CPU, and its backward
+    needs no zero-filled slice gradients)."""
+    swapped = x.unflatten(-1, (2, x.size(-1) // 2)).flip(-2).flatten(-2)
+    return torch.addcmul(x * torch.cat([cos, cos], dim=-1), swapped, torch.cat([-sin, sin], dim=-1))
 
 
 class CausalSelfAttention(nn.Module):
@@ -225,6 +228,24 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.reshape(B, T, C))
 
 
+class _ReluSquaredProjection(torch.autograd.Function):
+    """relu(h)^2 @ W^T, keeping only h for backward. Autograd would keep two tensors of the MLP's widest shape
+    (relu's output and its square, the projection's input); relu(h)^2 is cheap to recompute, so keep one."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        ctx.save_for_backward(hidden, weight)
+        return F.linear(torch.relu(hidden).square_(), weight.to(hidden.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight = ctx.saved_tensors
+        relu = torch.relu(hidden)
+        grad_weight = (grad_output.flatten(0, -2).T @ relu.square().flatten(0, -2)).to(weight.dtype)
+        grad_hidden = (grad_output @ weight.to(hidden.dtype)).mul_(relu).mul_(2)  # d relu(h)^2 / dh = 2 relu(h)
+        return grad_hidden, grad_weight
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -232,7 +253,8 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2: sparse like ReLU, smoother growth
+        # c_proj(relu(c_fc(x))^2). ReLU^2: sparse like ReLU, smoother growth.
+        return _ReluSquaredProjection.apply(self.c_fc(x), self.c_proj.weight)
 
 
 class Block(nn.Module):
@@ -277,21 +299,22 @@ def _loss_chunk_rows(device: torch.device, vocab_size: int) -> int:
 
 
 def _softcap_chunk(x, weight, targets, want_gradient: bool):
-    """Per-token losses of one chunk of rows (and, if asked, dloss/dz for those rows, fp32)."""
-    tanh = F.linear(x, weight).float()
-    tanh.div_(SOFTCAP).tanh_()
+    """Per-token losses of one chunk of rows (and, if asked, dloss/dz for those rows, fp32). Every full-size pass
+    over the (rows x vocab) block costs, so they are counted: matmul, tanh, exp, sum, scale (+ square, multiply-add
+    for the gradient). Dividing x (rows x channels) by 15 before the matmul is the same as dividing z after it."""
+    tanh = F.linear(x / SOFTCAP, weight).float().tanh_()  # tanh(z / 15)
     valid = targets >= 0
     safe_targets = targets.clamp(min=0).unsqueeze(1)
     target_tanh = tanh.gather(1, safe_targets).squeeze(1)
-    exp = torch.exp(tanh * SOFTCAP)
+    exp = torch.mul(tanh, SOFTCAP).exp_()
     sum_exp = exp.sum(dim=1)
     losses = (sum_exp.log() - SOFTCAP * target_tanh) * valid
     if not want_gradient:
         return losses, None
-    gradient = exp.div_(sum_exp.unsqueeze(1))  # softmax, in place
+    # softmax - onehot(target), rows with an ignored target zeroed: one pass scales by valid / sum.
+    gradient = exp.mul_((valid / sum_exp).unsqueeze(1))
     gradient.scatter_add_(1, safe_targets, -valid.unsqueeze(1).to(gradient.dtype))
-    gradient.mul_(valid.unsqueeze(1))
-    gradient.mul_(tanh.square_().neg_().add_(1))  # through the softcap
+    gradient.addcmul_(gradient, tanh.square_(), value=-1)  # times (1 - tanh^2): through the softcap
     return losses, gradient
 
 
@@ -453,6 +476,20 @@ class GPT(nn.Module):
             dtype=self.compute_dtype,
         )
 
+    def new_slot_cache(self, capacity: int, max_len: int) -> SlotKVCache:
+        """An empty cache of `capacity` rows that may sit at different positions (continuous batching)."""
+        config = self.config
+        return SlotKVCache(
+            n_layer=config.n_layer,
+            capacity=capacity,
+            max_len=max_len,
+            n_kv_head=config.n_kv_head,
+            head_dim=config.head_dim,
+            embedding_dim=config.n_embd,
+            device=self.device,
+            dtype=self.compute_dtype,
+        )
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -468,7 +505,8 @@ class GPT(nn.Module):
         kv_cache (inference): the T tokens continue the rows already in the cache. Their keys/values are
         appended, rotary positions start at kv_cache.position, smear uses the cached previous embedding, and
         the cache position advances by T when the forward is done. A forward over a prefix and then the rest
-        with a cache gives the same logits as one forward over everything.
+        with a cache gives the same logits as one forward over everything. With a SlotKVCache each row continues
+        from its own position (per-row rotary angles and attention masks).
 
         last_only (inference): return the logits of the last position only, (B, 1, vocab_size). A prefill needs
         nothing else, and with a 32K vocabulary the lm_head over every prompt position is most of its FLOPs.
@@ -478,11 +516,17 @@ class GPT(nn.Module):
         B, T = idx.shape
         dtype = self.compute_dtype
         start = 0 if kv_cache is None else kv_cache.position
-        if start + T > self.rotary_len:
+        if isinstance(start, RowPositions):  # a SlotKVCache: every row at its own position (continuous batching)
+            if start.highest + T > self.rotary_len:
+                raise ValueError(f"sequence of {start.highest + T} tokens exceeds the rotary table ({self.rotary_len})")
+            positions = start.first.unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, head_dim / 2)
+        elif start + T > self.rotary_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the rotary table ({self.rotary_len})")
+        else:
+            cos, sin = self.cos[:, start : start + T], self.sin[:, start : start + T]
         if kv_cache is not None:
             kv_cache.check_room(T)
-        cos, sin = self.cos[:, start : start + T], self.sin[:, start : start + T]
 
         x = norm(self.wte(idx).to(dtype))
         # Smear: x_t += smear_lambda * sigmoid(W x_t[:24]) * x_{t-1}. The gate is read from the current token;
