@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -464,6 +465,8 @@ for piece in engine.stream_chat([{"role": "user", "content": "Why is the sky blu
 
 def test_readme_example_runs_as_written(tiny_run, capsys):
     assert README_EXAMPLE.strip() in picochat.__doc__.replace("\n    ", "\n")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert "```python\n" + README_EXAMPLE + "```" in readme, "the README's Python example changed: update this test"
     namespace: dict = {}
     exec(README_EXAMPLE, namespace)
     model = namespace["model"]
