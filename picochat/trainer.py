@@ -1,0 +1,730 @@
+"""The training loop, shared by pretraining and SFT: accumulation, schedules, evaluation, metrics, checkpoints,
+exact resume, a clean stop on SIGINT/SIGTERM, and 1..N ranks under torchrun.
+
+One optimizer step ("step") consumes `total_batch_size` tokens over all ranks:
+
+    total_batch_size = device_batch_size x seq_len x world_size x accumulation
+
+Each rank runs `accumulation` forward/backward passes ("micro-steps") of device_batch_size rows, then the
+optimizer (MuonAdamW) averages the gradients over ranks and updates the weights. There is no DDP wrapper.
+
+Loss normalisation. A step's loss is the mean over every counted target of the step (target != -1), on every
+rank. The micro-batches of a step are fetched first, their targets counted and the count summed over ranks
+(`count`); each micro-batch then backpropagates sum(token losses) x world_size / count. The optimizer's average
+over ranks divides by world_size again, so the gradient is exactly d(sum of all token losses / count): the same
+for any (world size, accumulation) split, and right for SFT, where micro-batches hold different numbers of
+supervised targets. For pretraining (no -1 targets) it is the plain mean.
+
+Same rows for any split. The loaders (picochat.packing) are built with num_streams = total_batch_size / seq_len:
+an optimizer step always takes one row from each stream, whichever rank and micro-step packs it. Each micro-step
+has a loader of its own, as a "virtual rank": micro-step m of rank r is virtual rank v = m x world_size + r of
+world_size x accumulation, and packs the streams s with s % (world_size x accumulation) == v. So 2 ranks x 1
+micro-step and 1 rank x 2 micro-steps not only train on the same rows, they group them into the same micro-batches
+and compute bit for bit the same gradients (on CPU; the averaging over ranks is exact, see above). Any other split
+trains on the same rows too, up to float rounding. A checkpoint holds the merged state of every stream, so it
+resumes on any number of ranks and micro-steps.
+
+Step numbering. "Step s" means "after s optimizer steps". The loop, for s = start .. num_iterations:
+    evaluate (every eval_every steps and at the end), sample (every sample_every steps), save (every save_every
+    steps, at the end, and when stopping); at s = num_iterations stop; else train step s+1 with the schedules
+    evaluated at s (0-based, as the reference does).
+
+Checkpoints (picochat.checkpoint; rank 0 writes): fp32 master weights, and as training state the FULL optimizer
+state (MuonAdamW.state_dict is collective: every rank calls it), the merged loader state of all ranks, the RNG
+states, the loop counters, and the settings a resume must agree with. Resuming restores all of it, so the run
+continues exactly: same rows, same optimizer moments, same schedules.
+
+Performance. One host sync per step (the loss .item()); the next step's batches are fetched right after the
+last backward, before the optimizer step (on a GPU the kernels are still running); gc is frozen and disabled
+after the first step, as the reference does (its pauses cost ~0.5 s on big runs), with a collect every 5,000
+steps. On CPU there is no overlap to win, but no copy is made either: the loaders hand over tensors in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from picochat.checkpoint import Checkpoint, save_checkpoint
+from picochat.common import PicochatError, atomic_write_text, autodetect_device, distributed_info, log, progress, warn
+from picochat.evaluation.bpb import evaluate_bpb
+
+# The reference's seven greedy-sample prompts (16 tokens each): a quick look at what the model knows.
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+SAMPLE_TOKENS = 16
+GC_EVERY = 5000  # steps between manual garbage collections once gc is frozen
+UNTIMED_STEPS = 10  # the first steps (compilation, warm-up) do not count towards the training time
+
+
+@dataclass
+class TrainSettings:
+    """What the loop needs to know; the stage derives the values (pretrain: from --depth, see its module)."""
+
+    total_batch_size: int  # tokens per optimizer step, all ranks together
+    device_batch_size: int  # rows per forward pass on one rank
+    seq_len: int  # tokens per row
+    num_iterations: int  # optimizer steps
+    # Learning rate: linear warmup, flat, linear warmdown to a fraction (multiplies every group's initial_lr).
+    warmup_steps: int = 40
+    warmdown_ratio: float = 0.65
+    final_lr_frac: float = 0.05
+    # Muon momentum: start -> peak over momentum_warmup_steps, then -> final during the LR warmdown.
+    momentum_start: float = 0.85
+    momentum_peak: float = 0.97
+    momentum_warmup_steps: int = 400
+    momentum_final: float = 0.90
+    cosine_weight_decay: bool = True  # Muon weight decay: cosine from its initial value to 0 over the run
+    # Cadence (0 = only at the end for eval/save, never for samples).
+    eval_every: int = 250
+    eval_tokens: int = 80 * 524_288
+    sample_every: int = 2000
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    compile: bool = False
+    wandb_run: str | None = None
+    wandb_project: str = "picochat"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedules: pure functions of the step (0-based index of the update being made). Where two ramps overlap (runs
+# shorter than warmup + warmdown), the smaller value wins, so a short run still warms up and still cools down.
+
+
+def lr_multiplier(step: int, num_iterations: int, warmup_steps: int, warmdown_ratio: float, final_lr_frac: float):
+    """(step + 1) / warmup_steps during warmup; 1.0; then linear to final_lr_frac over the last warmdown_ratio
+    of the run (reaching it at step num_iterations)."""
+    multiplier = 1.0
+    if warmup_steps > 0:
+        multiplier = min(multiplier, (step + 1) / warmup_steps)
+    warmdown_steps = round(warmdown_ratio * num_iterations)
+    if warmdown_steps > 0 and step > num_iterations - warmdown_steps:
+        remaining = (num_iterations - step) / warmdown_steps  # 1 -> 0 over the warmdown
+        multiplier = min(multiplier, remaining + (1 - remaining) * final_lr_frac)
+    return multiplier
+
+
+def muon_momentum(
+    step: int,
+    num_iterations: int,
+    warmdown_ratio: float,
+    start: float = 0.85,
+    peak: float = 0.97,
+    warmup_steps: int = 400,
+    final: float = 0.90,
+) -> float:
+    """start -> peak linearly over warmup_steps, flat, then peak -> final linearly during the LR warmdown.
+    (Low momentum early: the first gradients are big and noisy; lower again at the end: the warmdown anneals.)"""
+    momentum = peak if warmup_steps <= 0 else start + (peak - start) * min(step / warmup_steps, 1.0)
+    warmdown_steps = round(warmdown_ratio * num_iterations)
+    warmdown_start = num_iterations - warmdown_steps
+    if warmdown_steps > 0 and step > warmdown_start:
+        fall = peak + (final - peak) * (step - warmdown_start) / warmdown_steps
+        momentum = min(momentum, fall)
+    return momentum
+
+
+def weight_decay_multiplier(step: int, num_iterations: int) -> float:
+    """Cosine from 1 at step 0 to 0 at num_iterations (Muon's weight decay fades out over the run)."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, num_iterations) / max(num_iterations, 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Accumulation
+
+
+def gradient_accumulation_steps(total_batch_size: int, device_batch_size: int, seq_len: int, world_size: int) -> int:
+    """total_batch_size / (device_batch_size x seq_len x world_size), which must be a whole number >= 1.
+    Otherwise a PicochatError suggesting the nearest valid total and device batch sizes."""
+    per_micro_step = device_batch_size * seq_len * world_size
+    if per_micro_step > 0 and total_batch_size % per_micro_step == 0 and total_batch_size >= per_micro_step:
+        return total_batch_size // per_micro_step
+    ranks = f" x {world_size} ranks" if world_size > 1 else ""
+    message = (
+        f"--total-batch-size {total_batch_size:,} tokens is not a whole number of micro-steps of "
+        f"--device-batch-size {device_batch_size} x --max-seq-len {seq_len}{ranks} = {per_micro_step:,} tokens"
+    )
+    below = total_batch_size // per_micro_step * per_micro_step
+    totals = [n for n in (below, below + per_micro_step) if n > 0]
+    suggestions = ["--total-batch-size " + " or ".join(f"{n:,}" for n in totals)]
+    row_tokens = seq_len * world_size
+    if total_batch_size % row_tokens == 0:
+        rows_per_rank = total_batch_size // row_tokens
+        divisors = [d for d in range(1, rows_per_rank + 1) if rows_per_rank % d == 0]
+        nearest = [max([d for d in divisors if d <= device_batch_size], default=None),
+                   min([d for d in divisors if d >= device_batch_size], default=None)]  # fmt: skip
+        nearest = sorted({d for d in nearest if d is not None})
+        suggestions.append("--device-batch-size " + " or ".join(map(str, nearest)))
+    else:
+        message += f" (and not a multiple of --max-seq-len{ranks} = {row_tokens:,})"
+    raise PicochatError(f"{message}; try {', or '.join(suggestions)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ranks: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR/PORT); a plain run is rank 0 of 1.
+
+
+@dataclass
+class Distributed:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def distributed_session(device: str | None = None) -> Iterator[Distributed]:
+    """Pick the device, and under torchrun initialise the process group (nccl on CUDA with the device from
+    LOCAL_RANK, gloo on CPU); the group is destroyed on the way out, on errors too."""
+    rank, local_rank, world_size = distributed_info()
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    device_type = torch.device(device or autodetect_device()).type
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise PicochatError("--device cuda: no CUDA GPU is available (use --device cpu)")
+        torch_device = torch.device("cuda", local_rank if launched else torch.device(device or "cuda").index or 0)
+        torch.cuda.set_device(torch_device)
+    elif launched and world_size > 1 and device_type != "cpu":
+        raise PicochatError(f"--device {device_type}: multi-process training runs on cpu (gloo) or cuda (nccl)")
+    else:
+        torch_device = torch.device(device_type)
+    started = False
+    if launched and not dist.is_initialized():
+        if device_type == "cuda":
+            dist.init_process_group("nccl", device_id=torch_device)
+        else:
+            dist.init_process_group("gloo")
+        started = True
+    try:
+        yield Distributed(rank, local_rank, world_size, torch_device)
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Peak FLOP/s, for MFU
+
+
+# Dense bf16 tensor-core peaks (FLOP/s), matched on the lower-cased device name; the more specific names first.
+GPU_PEAK_FLOPS = [
+    ("gh200", 989e12), ("gb200", 2.5e15), ("b200", 2.25e15), ("h200", 989e12), ("h100 nvl", 835e12),
+    ("h100 pcie", 756e12), ("h100", 989e12), ("a100", 312e12), ("l40s", 362e12), ("l4", 121e12),
+    ("rtx 5090", 209.5e12), ("rtx 4090", 165.2e12), ("rtx 3090", 71e12), ("mi300x", 1.3074e15),
+]  # fmt: skip
+
+
+def cpu_peak_flops(threads: int | None = None) -> tuple[float, str]:
+    """Nominal fp32 peak of the CPU threads torch uses: threads x clock x FLOPs per cycle, from /proc/cpuinfo.
+
+    FLOPs per cycle assume two FMA units per core: AVX-512 2 x 16 lanes x 2 = 64, AVX2+FMA 32, AVX 16, else 8.
+    This is an optimistic ceiling (many cores have one 512-bit unit or clock down under AVX-512); bench/train.py
+    reports it next to a fp32 matmul throughput it measures on the machine, which is the honest yardstick."""
+    threads = threads or torch.get_num_threads()
+    flags, clock_hz = set(), None
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        for line in info.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags" and not flags:
+                flags = set(value.split())
+            elif key.strip() == "cpu MHz" and clock_hz is None:
+                clock_hz = float(value) * 1e6
+        max_khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+        if max_khz.is_file():
+            clock_hz = int(max_khz.read_text()) * 1e3
+    except (OSError, ValueError):
+        pass
+    clock_hz = clock_hz or 3e9
+    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16 if "avx" in flags else 8
+    described = f"{threads} threads x {clock_hz / 1e9:.2f} GHz x {per_cycle} fp32 FLOPs/cycle (nominal)"
+    return threads * clock_hz * per_cycle, described
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The table's peak for a GPU name such as "NVIDIA H100 80GB HBM3"; None when not in the table."""
+    name = device_name.lower()
+    for pattern, flops in GPU_PEAK_FLOPS:
+        if pattern in name:
+            return flops
+    return None
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Nominal peak FLOP/s of one rank's device; None when unknown (MFU is then not reported)."""
+    if device.type == "cpu":
+        return cpu_peak_flops()[0]
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """High-water mark: allocated GPU memory on CUDA, the process's resident set (RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Greedy samples (a tiny loop without KV cache: 7 prompts x 16 tokens)
+
+
+@torch.no_grad()
+def greedy_samples(model, tokenizer, prompts: list[str] = SAMPLE_PROMPTS, max_tokens: int = SAMPLE_TOKENS):
+    """[(prompt, completion)] continuing each prompt (BOS first) with the most likely token, max_tokens times."""
+    samples = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+        prompt_length = len(ids)
+        for _ in range(max_tokens):
+            context = torch.tensor([ids[-model.config.sequence_len :]], device=model.device)
+            ids.append(int(model(context)[0, -1].argmax()))
+        samples.append((prompt, tokenizer.decode(ids[prompt_length:])))
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class StepBatch:
+    """The micro-batches of one optimizer step on this rank, and what was counted over all ranks."""
+
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    count: torch.Tensor  # targets != -1 over all micro-batches and ranks (int64, on the device)
+    loader_states: list[Any]  # the state of each of this rank's loaders (one per micro-step) after this step
+    exhausted: bool  # a loader ran out (SFT with loop=False): the run ends here. Agreed over ranks by the caller.
+
+
+class Trainer:
+    """model: the GPT (fp32 masters); optimizer: its MuonAdamW. make_train_loader / make_val_loader are called with
+    keyword arguments batch_size, seq_len, rank, world_size (+ num_streams, state for training) and return
+    iterators of (inputs, targets, state) -- e.g. functools.partial(packing.pretraining_batches, files, tokenizer,
+    device=...). sample(model) -> [(prompt, completion)] runs on rank 0. resume_settings: values a resume must
+    match (saved in every checkpoint, compared on resume). resume_hint: the command that continues the run."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        settings: TrainSettings,
+        *,
+        stage_dir: str | os.PathLike,
+        ranks: Distributed,
+        make_train_loader: Callable[..., Iterator],
+        make_val_loader: Callable[..., Iterator] | None = None,
+        token_bytes: torch.Tensor | None = None,
+        sample: Callable[[torch.nn.Module], list[tuple[str, str]]] | None = None,
+        resume_settings: dict[str, Any] | None = None,
+        resume_hint: str = "",
+        wandb_config: dict[str, Any] | None = None,
+    ):
+        self.model, self.optimizer, self.settings = model, optimizer, settings
+        self.stage_dir = Path(stage_dir)
+        self.ranks = ranks
+        self.make_train_loader, self.make_val_loader = make_train_loader, make_val_loader
+        self.token_bytes = token_bytes.to(ranks.device) if token_bytes is not None else None
+        self.sample = sample
+        self.resume_settings = dict(resume_settings or {})
+        self.resume_settings.update(total_batch_size=settings.total_batch_size, seq_len=settings.seq_len)
+        self.resume_hint = resume_hint
+        self.wandb_config = wandb_config or {}
+        self.accumulation = gradient_accumulation_steps(
+            settings.total_batch_size, settings.device_batch_size, settings.seq_len, ranks.world_size
+        )
+        self.num_streams = settings.total_batch_size // settings.seq_len
+        # Virtual ranks (see the module docstring): micro-step m of this rank packs as rank m * world + rank.
+        self.virtual_world = ranks.world_size * self.accumulation
+        self.virtual_ranks = [m * ranks.world_size + ranks.rank for m in range(self.accumulation)]
+        self.flops_per_token = model.flops_per_token(settings.seq_len)
+        self.peak_flops = peak_flops(ranks.device)
+        for group in optimizer.param_groups:  # the schedules scale these
+            group.setdefault("initial_lr", group["lr"])
+            group.setdefault("initial_weight_decay", group["weight_decay"])
+        # Loop state (saved in checkpoints).
+        self.step = 0
+        self.loader_state = None  # merged state of all loaders (from a checkpoint): where the loaders start
+        self.loader_states: list[Any] = []  # this rank's loaders' states after the last step trained
+        self.smooth_loss = 0.0  # EMA(0.9) of the loss, debiased when reported
+        self.training_seconds = 0.0  # wall time of steps after the first UNTIMED_STEPS, without evals/saves
+        self.min_val_bpb = float("inf")
+        self.last_eval_step = self.last_sample_step = -1
+        self._stop_signal: int | None = None
+        self._metrics_file = None
+        self._wandb = None
+
+    # ---- resume ----------------------------------------------------------------------------------------
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Load a checkpoint into the model, optimizer and loop (call before run()); checks compatibility."""
+        state = checkpoint.training_state
+        saved = state.get("settings", {})
+        for key, value in self.resume_settings.items():
+            if key in saved and saved[key] != value:
+                raise PicochatError(
+                    f"{checkpoint.path}: cannot resume, it was trained with {key}={saved[key]!r} and this run has "
+                    f"{key}={value!r} (resume with the same value, or start a new run)"
+                )
+        if saved.get("num_iterations") not in (None, self.settings.num_iterations):
+            warn(f"resuming a run planned for {saved['num_iterations']} steps with {self.settings.num_iterations}: "
+                 "the learning-rate schedule changes from here on")  # fmt: skip
+        try:
+            self.model.load_state_dict(checkpoint.model_state, strict=True)
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[0]
+            raise PicochatError(f"{checkpoint.path}: the weights do not fit this model ({first})") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        rng = state.get("rng", {})
+        if "torch_cpu" in rng:
+            torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and self.ranks.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["torch_cuda"], self.ranks.device)
+        loop = state["loop"]
+        self.step = checkpoint.step
+        self.loader_state = state.get("loader")
+        self.smooth_loss = loop["smooth_loss"]
+        self.training_seconds = loop["training_seconds"]
+        self.min_val_bpb = loop["min_val_bpb"] if loop["min_val_bpb"] is not None else float("inf")
+        self.last_eval_step, self.last_sample_step = loop["last_eval_step"], loop["last_sample_step"]
+        log(f"resumed from {checkpoint.path} at step {self.step:,}")
+
+    # ---- the loop --------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Train to num_iterations (or until stopped by a signal or the data ending). Returns the last step."""
+        settings = self.settings
+        self.train_model = torch.compile(self.model, dynamic=False) if settings.compile else self.model
+        loaders = self._loaders(self.make_train_loader, state=self.loader_state)
+        self._open_metrics()
+        restore_signals = self._install_signal_handlers()
+        bar = progress(total=settings.num_iterations, desc="train", unit="step")
+        bar.update(self.step)
+        first_step, started = self.step, time.perf_counter()
+        try:
+            batch = None
+            if self.step < settings.num_iterations:
+                batch = self._fetch(loaders)
+                batch.exhausted = self._any_rank(batch.exhausted)
+            while True:
+                stopping = self._stop_signal is not None or (batch is not None and batch.exhausted)
+                last = self.step >= settings.num_iterations or stopping
+                if not stopping and self._evaluate_and_sample(last):
+                    # A signal may arrive during a (long) evaluation, which then stops early: agree on it.
+                    if self._any_rank(self._stop_signal is not None) and self._stop_signal is None:
+                        self._stop_signal = signal.SIGTERM
+                    last = last or self._stop_signal is not None
+                periodic = settings.save_every > 0 and self.step % settings.save_every == 0
+                if (last or periodic) and self.step > first_step:
+                    self.save()
+                if last:
+                    break
+                batch, metrics = self._train_step(batch, loaders)
+                metrics["elapsed_seconds"] = round(time.perf_counter() - started, 3)
+                self._write_metrics(metrics)
+                bar.update(1)
+                bar.set_postfix_str(self._postfix(metrics))
+                if self.step == first_step + 1:
+                    gc.collect()
+                    gc.freeze()  # everything alive now stays: later collections skip it
+                    gc.disable()
+                elif self.step % GC_EVERY == 0:
+                    gc.collect()
+        finally:
+            bar.close()
+            restore_signals()
+            gc.enable()
+            gc.unfreeze()
+            if self._metrics_file is not None:
+                self._metrics_file.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+        saved = "a checkpoint is saved" if self.step > first_step else "nothing new to save"
+        if self._stop_signal is not None:
+            name = signal.Signals(self._stop_signal).name
+            log(f"stopped by {name} at step {self.step:,} of {settings.num_iterations:,}; {saved}. "
+                f"Continue with: {self.resume_hint or '--resume'}")  # fmt: skip
+        elif self.step < settings.num_iterations:
+            log(f"the training data ran out at step {self.step:,}; {saved}")
+        return self.step
+
+    def _loaders(self, make_loader: Callable[..., Iterator], **extra) -> list[Iterator]:
+        """One loader per micro-step, each a virtual rank of world_size x accumulation with num_streams streams."""
+        return [make_loader(batch_size=self.settings.device_batch_size, seq_len=self.settings.seq_len, rank=v,
+                            world_size=self.virtual_world, num_streams=self.num_streams, **extra)
+                for v in self.virtual_ranks]  # fmt: skip
+
+    def _fetch(self, loaders: list[Iterator]) -> StepBatch:
+        """The next step's micro-batches, with the count of targets summed over ranks (an all-reduce that needs
+        no host sync). `exhausted` is this rank's alone; the caller agrees on it with the other ranks."""
+        micro_batches, states, exhausted = [], [], False
+        for loader in loaders:
+            try:
+                inputs, targets, state = next(loader)
+            except StopIteration:
+                exhausted = True
+                break
+            micro_batches.append((inputs, targets))
+            states.append(state)
+        counted = [(targets != -1).sum() for _, targets in micro_batches]
+        count = torch.stack(counted).sum() if counted else torch.zeros((), dtype=torch.int64, device=self.ranks.device)
+        if _distributed():
+            dist.all_reduce(count)
+        return StepBatch(micro_batches, count, states, exhausted)
+
+    def _any_rank(self, flag: bool) -> bool:
+        if not _distributed():
+            return flag
+        votes = torch.tensor(float(flag), device=self.ranks.device)
+        dist.all_reduce(votes)
+        return votes.item() > 0
+
+    def _train_step(self, batch: StepBatch, loaders: list[Iterator]) -> tuple[StepBatch | None, dict[str, Any]]:
+        settings, step = self.settings, self.step
+        start = time.perf_counter()
+        lrm = lr_multiplier(step, settings.num_iterations, settings.warmup_steps, settings.warmdown_ratio,
+                            settings.final_lr_frac)  # fmt: skip
+        momentum = muon_momentum(step, settings.num_iterations, settings.warmdown_ratio, settings.momentum_start,
+                                 settings.momentum_peak, settings.momentum_warmup_steps, settings.momentum_final)
+        decay = weight_decay_multiplier(step, settings.num_iterations) if settings.cosine_weight_decay else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = momentum
+                group["weight_decay"] = group["initial_weight_decay"] * decay
+
+        # sum(token losses) x world / count per micro-batch: see the module docstring.
+        scale = (self.ranks.world_size / batch.count.clamp(min=1)).float()
+        loss_sum = torch.zeros((), device=self.ranks.device)
+        for inputs, targets in batch.micro_batches:
+            loss = self.train_model(inputs, targets, loss_reduction="sum")
+            (loss * scale).backward()
+            loss_sum += loss.detach()
+        self.loader_states = batch.loader_states
+        next_batch = self._fetch(loaders) if step + 1 < settings.num_iterations else None  # prefetch
+        self.optimizer.step()
+        self.model.zero_grad(set_to_none=True)
+
+        # One all-reduce and one host sync for: the global loss, "should we stop" (a signal may reach only some
+        # ranks) and "did a loader run out" while prefetching.
+        flags = [self._stop_signal is not None, next_batch is not None and next_batch.exhausted]
+        reduced = torch.cat([loss_sum.view(1), torch.tensor(flags, dtype=torch.float32, device=self.ranks.device)])
+        if _distributed():
+            dist.all_reduce(reduced)
+        reduced[0] /= batch.count.clamp(min=1)
+        loss_value, stop_votes, exhausted_votes = reduced.tolist()
+        if stop_votes > 0 and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM  # another rank was asked to stop
+        if next_batch is not None:
+            next_batch.exhausted = exhausted_votes > 0
+        seconds = time.perf_counter() - start
+        self.step += 1
+        if self.step > UNTIMED_STEPS:
+            self.training_seconds += seconds
+        steps_done = self.step - 1
+        self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss_value
+        tokens_per_second = settings.total_batch_size / seconds
+        mfu = None
+        if self.peak_flops:
+            mfu = self.flops_per_token * tokens_per_second / (self.peak_flops * self.ranks.world_size)
+        metrics = {
+            "event": "train",
+            "step": self.step,
+            "loss": loss_value,
+            "smooth_loss": self.smooth_loss / (1 - 0.9 ** (steps_done + 1)),
+            "lr_multiplier": lrm,
+            "muon_momentum": momentum,
+            "step_seconds": round(seconds, 4),
+            "tokens_per_second": round(tokens_per_second, 1),
+            "mfu": None if mfu is None else round(mfu, 5),
+            "peak_memory_bytes": peak_memory_bytes(self.ranks.device),
+            "training_seconds": round(self.training_seconds, 3),
+        }
+        return next_batch, metrics
+
+    # ---- evaluation and samples ------------------------------------------------------------------------
+
+    def _evaluate_and_sample(self, last: bool) -> bool:
+        """Evaluate and sample if due at this step. Returns whether a validation ran."""
+        settings, step = self.settings, self.step
+        due = lambda every: (every > 0 and step % every == 0) or last  # noqa: E731
+        evaluated = False
+        if self.make_val_loader is not None and due(settings.eval_every) and self.last_eval_step != step:
+            evaluated = True
+            start = time.perf_counter()
+            bpb = self.evaluate()
+            if self._stop_signal is not None:  # cut short by a signal: not a measurement, redo it on resume
+                return evaluated
+            self.last_eval_step = step
+            self.min_val_bpb = min(self.min_val_bpb, bpb)
+            self._write_metrics({"event": "eval", "step": step, "val_bpb": bpb,
+                                 "eval_seconds": round(time.perf_counter() - start, 3)})  # fmt: skip
+            log(f"step {step:,}: validation bpb {bpb:.4f}")
+        sample_due = settings.sample_every > 0 and (step % settings.sample_every == 0 or last)
+        if self.sample is not None and sample_due and self.last_sample_step != step:
+            self.last_sample_step = step
+            if self.ranks.is_main:
+                samples = self.sample(self.model)
+                self._write_metrics({"event": "sample", "step": step,
+                                     "samples": [{"prompt": p, "completion": c} for p, c in samples]})  # fmt: skip
+                for prompt, completion in samples:
+                    log(f"sample: {prompt!r} -> {completion!r}")
+        return evaluated
+
+    def evaluate(self) -> float:
+        """Validation bits per byte over eval_tokens, rounded down to whole steps of total_batch_size (at least
+        one). Fresh loaders every time, laid out like the training loaders: the same rows for any split."""
+        if self.token_bytes is None:
+            raise ValueError("Trainer.evaluate needs token_bytes")
+        loaders = self._loaders(self.make_val_loader)
+        steps = max(1, self.settings.eval_tokens // self.settings.total_batch_size)
+
+        def batches():
+            for index in range(steps):
+                if index > 0 and self._stop_signal is not None:  # stop early (evaluate_bpb's one all-reduce
+                    return  # still matches on every rank)
+                for loader in loaders:
+                    batch = next(loader, None)
+                    if batch is None:  # a validation set smaller than eval_tokens (loop=False)
+                        return
+                    yield batch[0], batch[1]
+
+        return evaluate_bpb(self.model, batches(), self.token_bytes)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Checkpoint at the current step. Collective: every rank calls it; rank 0 writes."""
+        optimizer_state = self.optimizer.state_dict()  # collective: gathers every rank's shard
+        gathered = [self.loader_states]
+        if _distributed():
+            gathered = [None] * self.ranks.world_size if self.ranks.is_main else None
+            dist.gather_object(self.loader_states, gathered, dst=0)  # in-memory transport only; we write no pickle
+        if not self.ranks.is_main:
+            return
+        from picochat.packing import merge_loader_states
+
+        states = [state for rank_states in gathered for state in rank_states]
+        loader_state = merge_loader_states(states) if states else self.loader_state
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if self.ranks.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state(self.ranks.device)
+        training_state = {
+            "optimizer": optimizer_state,
+            "loader": loader_state,
+            "rng": rng,
+            "loop": {
+                "smooth_loss": self.smooth_loss,
+                "training_seconds": self.training_seconds,
+                "min_val_bpb": None if math.isinf(self.min_val_bpb) else self.min_val_bpb,
+                "last_eval_step": self.last_eval_step,
+                "last_sample_step": self.last_sample_step,
+            },
+            "settings": {**self.resume_settings, "num_iterations": self.settings.num_iterations,
+                         "world_size": self.ranks.world_size, "device_batch_size": self.settings.device_batch_size},
+        }  # fmt: skip
+        folder = save_checkpoint(self.stage_dir, self.step, self.model.state_dict(), training_state,
+                                 keep=self.settings.keep_checkpoints)  # fmt: skip
+        self._write_metrics({"event": "checkpoint", "step": self.step, "path": str(folder)})
+
+    # ---- metrics, progress, signals --------------------------------------------------------------------
+
+    def _open_metrics(self) -> None:
+        """metrics.jsonl (rank 0): on resume, events after the resumed step (from the interrupted run) are dropped
+        so that the file describes one run; then events are appended, one JSON object per line."""
+        if not self.ranks.is_main:
+            return
+        path = self.stage_dir / "metrics.jsonl"
+        kept = []
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError):
+                    if self.step > 0 and json.loads(line).get("step", 0) <= self.step:
+                        kept.append(line)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self._metrics_file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in run's finally)
+        if self.settings.wandb_run:
+            try:
+                import wandb
+            except ImportError:
+                raise PicochatError("--wandb-run needs the wandb package (pip install wandb)") from None
+            self._wandb = wandb.init(project=self.settings.wandb_project, name=self.settings.wandb_run,
+                                     config=self.wandb_config, resume="allow")  # fmt: skip
+
+    def _write_metrics(self, event: dict[str, Any]) -> None:
+        if self._metrics_file is None:
+            return
+        self._metrics_file.write(json.dumps(event) + "\n")
+        self._metrics_file.flush()
+        if self._wandb is not None and event["event"] in ("train", "eval"):
+            if event["event"] == "eval" or event["step"] % 10 == 0:
+                numbers = {k: v for k, v in event.items() if isinstance(v, (int, float)) and k != "step"}
+                self._wandb.log({f"{event['event']}/{k}": v for k, v in numbers.items()}, step=event["step"])
+
+    def _postfix(self, metrics: dict[str, Any]) -> str:
+        remaining = self.settings.num_iterations - self.step
+        eta = remaining * metrics["step_seconds"]
+        mfu = "" if metrics["mfu"] is None else f" mfu {100 * metrics['mfu']:.1f}%"
+        return (f"loss {metrics['smooth_loss']:.4f} tok/s {metrics['tokens_per_second']:,.0f}{mfu} "
+                f"eta {eta / 60:.1f}m")  # fmt: skip
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """SIGINT / SIGTERM: finish the current step, save, exit cleanly. A second Ctrl-C aborts at once (a
+        SIGTERM after the first signal is ignored: torchrun sends one to its workers after a Ctrl-C)."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                return
+            self._stop_signal = signum
+            log(f"{signal.Signals(signum).name}: finishing step {self.step + 1:,}, then saving a checkpoint "
+                "(Ctrl-C again to abort without saving)")  # fmt: skip
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
+
+
+def read_metrics(stage_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The events of a stage's metrics.jsonl, in order (for reports, scripts and tests)."""
+    path = Path(stage_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
