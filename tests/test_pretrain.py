@@ -362,3 +362,18 @@ def test_user_mistakes_are_one_clear_line(tmp_path, tokenizer_dir, data_dir, cap
     assert "continue it with --resume" in one_error_line(capsys)
     assert main(["pretrain", "--run-dir", str(run), "--resume", "--total-batch-size", "512", "--device", "cpu"]) == 2
     assert "--total-batch-size was 256" in one_error_line(capsys)
+
+
+def test_a_pretrained_stage_loads_for_inference_and_chat(one_and_two_rank_runs, capsys):
+    """The contract between training and inference: config.json's "model" + model.safetensors."""
+    import picochat
+
+    one, _ = one_and_two_rank_runs
+    config = json.loads((one / "base" / "config.json").read_text())
+    assert config["model"] == config["derived"]["model_config"]
+    model, tokenizer = picochat.load(str(one))
+    assert torch.equal(model.lm_head.weight.float(), final_weights(one)["lm_head.weight"].float())
+    capsys.readouterr()
+    assert main(["chat", "--run-dir", str(one), "-p", "Hello", "--max-tokens", "8", "--seed", "0",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    assert "Traceback" not in capsys.readouterr().err

@@ -355,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
         location = f"--run-dir {run_dir}" if args.run_dir else f"--run {args.run or 'default'}"
         config = {
             "stage": "pretrain",
+            "model": plan["model_config"],  # the shape readers build the model from (checkpoint.load_model)
             "flags": flags,
             "derived": plan,
             "data": {"train_files": [str(p) for p in train_files], "val_files": [str(p) for p in val_files]},
