@@ -64,17 +64,6 @@ from picochat.checkpoint import Checkpoint, save_checkpoint
 from picochat.common import PicochatError, atomic_write_text, autodetect_device, distributed_info, log, progress, warn
 from picochat.evaluation.bpb import evaluate_bpb
 
-# The reference's seven greedy-sample prompts (16 tokens each): a quick look at what the model knows.
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
-SAMPLE_TOKENS = 16
 GC_EVERY = 5000  # steps between manual garbage collections once gc is frozen
 UNTIMED_STEPS = 10  # the first steps (compilation, warm-up) do not count towards the training time
 
@@ -126,15 +115,8 @@ def lr_multiplier(step: int, num_iterations: int, warmup_steps: int, warmdown_ra
     return multiplier
 
 
-def muon_momentum(
-    step: int,
-    num_iterations: int,
-    warmdown_ratio: float,
-    start: float = 0.85,
-    peak: float = 0.97,
-    warmup_steps: int = 400,
-    final: float = 0.90,
-) -> float:
+def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float, start: float = 0.85, peak: float = 0.97,
+                  warmup_steps: int = 400, final: float = 0.90) -> float:  # fmt: skip
     """start -> peak linearly over warmup_steps, flat, then peak -> final linearly during the LR warmdown.
     (Low momentum early: the first gradients are big and noisy; lower again at the end: the warmdown anneals.)"""
     momentum = peak if warmup_steps <= 0 else start + (peak - start) * min(step / warmup_steps, 1.0)
@@ -251,21 +233,12 @@ def cpu_peak_flops(threads: int | None = None) -> tuple[float, str]:
     This is an optimistic ceiling (many cores have one 512-bit unit or clock down under AVX-512); bench/train.py
     reports it next to a fp32 matmul throughput it measures on the machine, which is the honest yardstick."""
     threads = threads or torch.get_num_threads()
-    flags, clock_hz = set(), None
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        for line in info.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "flags" and not flags:
-                flags = set(value.split())
-            elif key.strip() == "cpu MHz" and clock_hz is None:
-                clock_hz = float(value) * 1e6
-        max_khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
-        if max_khz.is_file():
-            clock_hz = int(max_khz.read_text()) * 1e3
-    except (OSError, ValueError):
-        pass
-    clock_hz = clock_hz or 3e9
+    flags, clock_hz = set(), 3e9  # (3 GHz when the clock cannot be read, e.g. not Linux)
+    with contextlib.suppress(OSError, ValueError):
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines())
+        info = {key.strip(): value.strip() for key, value in info.items()}
+        flags, clock_hz = set(info.get("flags", "").split()), float(info.get("cpu MHz", 3000)) * 1e6
+        clock_hz = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) * 1e3
     per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16 if "avx" in flags else 8
     described = f"{threads} threads x {clock_hz / 1e9:.2f} GHz x {per_cycle} fp32 FLOPs/cycle (nominal)"
     return threads * clock_hz * per_cycle, described
@@ -295,24 +268,6 @@ def peak_memory_bytes(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Greedy samples (a tiny loop without KV cache: 7 prompts x 16 tokens)
-
-
-@torch.no_grad()
-def greedy_samples(model, tokenizer, prompts: list[str] = SAMPLE_PROMPTS, max_tokens: int = SAMPLE_TOKENS):
-    """[(prompt, completion)] continuing each prompt (BOS first) with the most likely token, max_tokens times."""
-    samples = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
-        prompt_length = len(ids)
-        for _ in range(max_tokens):
-            context = torch.tensor([ids[-model.config.sequence_len :]], device=model.device)
-            ids.append(int(model(context)[0, -1].argmax()))
-        samples.append((prompt, tokenizer.decode(ids[prompt_length:])))
-    return samples
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -383,6 +338,7 @@ class Trainer:
         self.min_val_bpb = float("inf")
         self.last_eval_step = self.last_sample_step = -1
         self._stop_signal: int | None = None
+        self._started = time.perf_counter()
         self._metrics_file = None
         self._wandb = None
 
@@ -432,7 +388,7 @@ class Trainer:
         restore_signals = self._install_signal_handlers()
         bar = progress(total=settings.num_iterations, desc="train", unit="step")
         bar.update(self.step)
-        first_step, started = self.step, time.perf_counter()
+        first_step, self._started = self.step, time.perf_counter()
         try:
             batch = None
             if self.step < settings.num_iterations:
@@ -452,7 +408,6 @@ class Trainer:
                 if last:
                     break
                 batch, metrics = self._train_step(batch, loaders)
-                metrics["elapsed_seconds"] = round(time.perf_counter() - started, 3)
                 self._write_metrics(metrics)
                 bar.update(1)
                 bar.set_postfix_str(self._postfix(metrics))
@@ -675,17 +630,18 @@ class Trainer:
                         kept.append(line)
         atomic_write_text(path, "".join(line + "\n" for line in kept))
         self._metrics_file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in run's finally)
-        if self.settings.wandb_run:
+        if self.settings.wandb_run:  # optional, imported only when asked for
             try:
                 import wandb
             except ImportError:
                 raise PicochatError("--wandb-run needs the wandb package (pip install wandb)") from None
             self._wandb = wandb.init(project=self.settings.wandb_project, name=self.settings.wandb_run,
-                                     config=self.wandb_config, resume="allow")  # fmt: skip
+                                     config=self.wandb_config)  # fmt: skip
 
     def _write_metrics(self, event: dict[str, Any]) -> None:
         if self._metrics_file is None:
             return
+        event["elapsed_seconds"] = round(time.perf_counter() - self._started, 3)  # since this process started
         self._metrics_file.write(json.dumps(event) + "\n")
         self._metrics_file.flush()
         if self._wandb is not None and event["event"] in ("train", "eval"):

@@ -12,15 +12,14 @@ import torch
 import picochat.gpt as gpt_module
 from picochat.common import PicochatError
 from picochat.gpt import GPT, GPTConfig, softcapped_cross_entropy
+from picochat.stages.pretrain import SAMPLE_PROMPTS, greedy_samples
 from picochat.trainer import (
-    SAMPLE_PROMPTS,
     Distributed,
     Trainer,
     TrainSettings,
     cpu_peak_flops,
     gpu_peak_flops,
     gradient_accumulation_steps,
-    greedy_samples,
     lr_multiplier,
     muon_momentum,
     weight_decay_multiplier,

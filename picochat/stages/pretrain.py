@@ -49,6 +49,16 @@ from picochat.common import (
     warn,
 )
 
+# The reference's seven greedy-sample prompts (16 tokens each): a quick look at what the model knows.
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
 B_REF = 2**19  # tokens per step of the reference depth-12 run
 REF_DEPTH = 12
 BATCH_EXPONENT = 0.383  # Power Lines: optimal batch ~ D^0.383
@@ -292,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.gpt import GPT, GPTConfig
     from picochat.packing import pretraining_batches
     from picochat.tokenizer import Tokenizer
-    from picochat.trainer import Trainer, TrainSettings, distributed_session, greedy_samples
+    from picochat.trainer import Trainer, TrainSettings, distributed_session
 
     run_dir = resolve_run_dir(args.run, args.run_dir)
     stage_dir = run_dir / "base"
@@ -381,6 +391,23 @@ def run(args: argparse.Namespace) -> int:
                 f"(training time {trainer.training_seconds / 60:.1f} min), best validation bpb {best}; "
                 f"weights in {stage_dir / 'model.safetensors'}")  # fmt: skip
     return 0
+
+
+def greedy_samples(model, tokenizer, prompts: list[str] = SAMPLE_PROMPTS, max_tokens: int = 16):
+    """[(prompt, completion)]: each prompt (BOS first) continued with the most likely token, max_tokens times, by
+    a plain loop without KV cache (7 short prompts: cheap enough)."""
+    import torch
+
+    samples = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+            prompt_length = len(ids)
+            for _ in range(max_tokens):
+                context = torch.tensor([ids[-model.config.sequence_len :]], device=model.device)
+                ids.append(int(model(context)[0, -1].argmax()))
+            samples.append((prompt, tokenizer.decode(ids[prompt_length:])))
+    return samples
 
 
 def _data_files(flags, data_dir, find_text_files, split_train_val, default_pretraining_files):
