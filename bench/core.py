@@ -9,9 +9,9 @@ Gutenberg shards, context 2,048, fp32 on CPU). Tasks: the 18 CORE tasks the shar
               full-vocabulary logits at every position, nothing shared. Same prompts, same scoring rules.
 
 Runs, in order:
-  1. ours and the baseline in this process on the same first --baseline-items items of every task: items/s of
-     each, their ratio, and whether they agree item by item (they must: same protocol, only the order of the
-     arithmetic differs);
+  1. ours and the baseline in this process (--threads, default 1) on the same first --baseline-items items of every
+     task: items/s of each, their ratio, and whether they agree item by item (they must: same protocol, only the
+     order of the arithmetic differs);
   2. `picochat eval core --max-per-task 500` on the model saved as a run, the way a user runs it: under
      `torchrun --nproc_per_node=--ranks` (gloo, one thread per rank) when --ranks > 1. The time a full CORE-18
      takes (target: under 10 minutes here);
@@ -141,8 +141,11 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=min(os.cpu_count() or 1, 8),
                         help="processes for the full-size runs (default: the CPU count, at most 8)")
     parser.add_argument("--random-seeds", default="0,1,2,3", help="init seeds for CORE-18 at 200 items/task")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the in-process comparison (default 1: steadier on a shared machine)")
     parser.add_argument("--data-dir", help="data folder holding core_eval/ and pretrain/")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("PICOCHAT_NO_PROGRESS", "1")
     setup_logging()
     data_dir = find_data_dir(args.data_dir)

@@ -70,7 +70,7 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "PICOCHAT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 
 
-def run_subprocess(args: list[str], ranks: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
+def run_subprocess(args: list[str], ranks: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m picochat pretrain ...`, or the same under torchrun (gloo) with `ranks` processes."""
     launcher = [sys.executable]
     if ranks:

@@ -2,13 +2,16 @@
 
 core: the DCLM CORE score (picochat/evaluation/core.py describes the protocol). The table says how many of the 22
       tasks it covers ("CORE-18" with the shared data). Writes eval/core_<stage>_<step>.json and .csv.
-bpb:  bits per byte (picochat/evaluation/bpb.py) on the run's train and validation text (the data folder's
-      parquet shards, split by file as pretraining does) or on files you name. Writes eval/bpb_<stage>_<step>.json.
+bpb:  bits per byte (picochat/evaluation/bpb.py) on the stage's own train and validation files (its config.json;
+      else the data folder's parquet shards, split by file as pretraining does) or on files you name. Writes
+      eval/bpb_<stage>_<step>.json (named files: eval/bpb_<stage>_<step>_<first file>.json).
 chat: chat evaluations of a chat model (picochat/evaluation/chat.py): ARC-Easy, ARC-Challenge, MMLU (allowed
       letters), GSM8K, HumanEval, spelling (pass@k with the engine) and ChatCORE. Writes eval/chat_<stage>_<step>.json.
 
-Both run under torchrun (gloo on CPU, NCCL on GPUs): the ranks split the work and add up their counts, so the
-numbers do not depend on the number of ranks. Every JSON written here has the same top-level shape, which
+All run under torchrun (gloo on CPU, NCCL on GPUs): the ranks split the work and add up their counts, so the
+numbers do not depend on the number of ranks. On a CPU, one single-threaded rank per core
+(`torchrun --nproc_per_node=<cores> -m picochat eval core ...`) is the fastest way, and by far the fastest when
+other jobs share the machine (see bench/core.py). Every JSON written here has the same top-level shape, which
 `picochat report` reads:  {"kind", "stage", "step", "metrics": {name: value}, ...details}.
 """
 
