@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from picochat.checkpoint import save_checkpoint
 from picochat.common import atomic_write_json, log, print_table, resolve_data_dir, setup_logging
-from picochat.evaluation import core
+from picochat.evaluation import core, core_tasks
 from picochat.evaluation.core import Row, RowScore
 from picochat.gpt import GPT, GPTConfig
 from picochat.tokenizer import Tokenizer
@@ -100,7 +100,8 @@ def run_tasks(scorer, tokenizer, model, core_dir: Path, tasks, per_task: int, ba
     """Per task: (label, items, seconds, accuracy, correct list); items chosen as `picochat eval core` chooses them."""
     results = []
     for task in tasks:
-        items = core.select_items(core.load_task_items(core.task_data_path(core_dir, task), task.task_type), per_task)
+        path = core_tasks.task_data_path(core_dir, task)
+        items = core_tasks.select_items(core_tasks.load_task_items(path, task.task_type), per_task)
         result = core.evaluate_task(scorer, tokenizer, task, items, max_tokens=model.config.sequence_len,
                                     batch_size=batch_size)
         log(f"{type(scorer).__name__} {task.label}: {result.examples} items in {result.seconds:.1f}s")
@@ -150,7 +151,7 @@ def main() -> None:
     setup_logging()
     data_dir = find_data_dir(args.data_dir)
     core_dir = data_dir / "core_eval"
-    tasks = [t for t in core.load_core_tasks(core_dir) if core.task_data_path(core_dir, t).is_file()]
+    tasks = [t for t in core_tasks.load_core_tasks(core_dir) if core_tasks.task_data_path(core_dir, t).is_file()]
 
     started = time.perf_counter()
     tokenizer = train_tokenizer(data_dir, args.vocab_size)

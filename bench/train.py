@@ -22,7 +22,7 @@ training process's own:
 The step is the trainer's (picochat.trainer.Trainer._train_step without data loading): per micro-batch
 loss = model(x, y, "sum"); (loss x world / count).backward(); then MuonAdamW.step(). Timed phases: forward,
 backward, optimizer. MFU is FLOPs per token (GPT.flops_per_token) x tokens/s over (a) the nominal fp32 peak of the
-CPU (trainer.cpu_peak_flops) and (b) the fp32 matmul throughput measured here, in this run (a 2048^3 matmul,
+CPU (hardware.cpu_peak_flops) and (b) the fp32 matmul throughput measured here, in this run (a 2048^3 matmul,
 best of several, before and after the configurations). The reference (nanochat) figures on this machine, quoted
 in the brief, are printed alongside: (a) ~620 tok/s, 8.5 GiB peak RSS; (b) ~1,025 tok/s, 2.5 GiB.
 
@@ -83,7 +83,8 @@ def worker(config_name: str, variant: str, steps: int, warmup: int) -> dict:
     import torch
 
     from picochat.gpt import GPT, GPTConfig
-    from picochat.trainer import cpu_peak_flops, gradient_accumulation_steps
+    from picochat.hardware import cpu_peak_flops
+    from picochat.trainer import gradient_accumulation_steps
 
     config = CONFIGS[config_name]
     torch.manual_seed(0)

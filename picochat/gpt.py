@@ -15,7 +15,8 @@ What is in it (each item is explained where it is built):
 
 Precision is explicit. Parameters are fp32 "master" weights; activations are in one compute dtype (bf16 on
 modern CUDA, fp32 on CPU; see common.compute_dtype). Our Linear casts its weight to the activation dtype on
-the fly, which is the whole mechanism (no autocast). Logits and the loss are computed in fp32.
+the fly, which is the whole mechanism (no autocast). Logits and the loss are computed in fp32 (the loss
+without materialising the logits: picochat/loss.py).
 
 Construction happens on the meta device (shapes only, no memory, instant even for billions of parameters),
 then the model is materialised and initialised in ONE place:
@@ -41,8 +42,8 @@ import torch.nn.functional as F
 from picochat import common
 from picochat.attention import KVCache, RowPositions, SlotKVCache, attention
 from picochat.common import PicochatError
+from picochat.loss import SOFTCAP, softcapped_cross_entropy
 
-SOFTCAP = 15.0  # logits are squashed into (-15, 15)
 ROPE_BASE = 100_000
 QK_SCALE = 1.2  # after QK-norm, q and k are each multiplied by this: sharper attention than 1/sqrt(D) alone
 SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the embedding
@@ -269,113 +270,6 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The loss without the logits
-#
-# With vocab 32,768 the logits of one micro-batch dwarf everything else: 32 x 512 tokens x 32,768 x 4 bytes = 2 GiB
-# in fp32, and autograd keeps several tensors of that size (logits, tanh, log-softmax, their gradients). The loss
-# only needs, per token, log(sum_j exp(c_j)) - c_target, and its gradient has a closed form. So the rows are
-# processed in chunks, and each chunk's gradient is computed right away, while its logits are still at hand:
-#
-#   z = x W^T            raw logits (chunk of rows x vocab)
-#   c = 15 tanh(z / 15)  soft-capped logits;  |c| < 15, so exp(c) < 3.3e6 and the sum over the vocabulary cannot
-#                        overflow fp32: no max-subtraction pass is needed
-#   loss = log(sum_j exp(c_j)) - c_target
-#   dloss/dc = softmax(c) - onehot(target)            (0 for rows whose target is -1)
-#   dloss/dz = dloss/dc * (1 - tanh^2(z / 15))        (the softcap's derivative)
-#   dloss/dx = dloss/dz W,   dloss/dW = (dloss/dz)^T x
-#
-# Backward then only scales the stored dloss/dx and dloss/dW by the incoming gradient. Peak memory is one chunk of
-# logits instead of several full copies, and the same matmuls run (none is recomputed). This needs the loss to be
-# a sum (or mean) of the per-token losses; a per-token loss with gradients (loss_reduction="none", e.g. RL) takes
-# the plain path with full logits.
-
-LOSS_CHUNK_ELEMENTS_CPU = 2**23  # logits per chunk: 32 MiB in fp32, small enough to be reused by malloc
-LOSS_CHUNK_ELEMENTS_CUDA = 2**27  # 512 MiB: few, large kernels
-
-
-def _loss_chunk_rows(device: torch.device, vocab_size: int) -> int:
-    budget = LOSS_CHUNK_ELEMENTS_CUDA if device.type == "cuda" else LOSS_CHUNK_ELEMENTS_CPU
-    return max(1, budget // vocab_size)
-
-
-def _softcap_chunk(x, weight, targets, want_gradient: bool):
-    """Per-token losses of one chunk of rows (and, if asked, dloss/dz for those rows, fp32). Every full-size pass
-    over the (rows x vocab) block costs, so they are counted: matmul, tanh, exp, sum, scale (+ square, multiply-add
-    for the gradient). Dividing x (rows x channels) by 15 before the matmul is the same as dividing z after it."""
-    tanh = F.linear(x / SOFTCAP, weight).float().tanh_()  # tanh(z / 15)
-    valid = targets >= 0
-    safe_targets = targets.clamp(min=0).unsqueeze(1)
-    target_tanh = tanh.gather(1, safe_targets).squeeze(1)
-    exp = torch.mul(tanh, SOFTCAP).exp_()
-    sum_exp = exp.sum(dim=1)
-    losses = (sum_exp.log() - SOFTCAP * target_tanh) * valid
-    if not want_gradient:
-        return losses, None
-    # softmax - onehot(target), rows with an ignored target zeroed: one pass scales by valid / sum.
-    gradient = exp.mul_((valid / sum_exp).unsqueeze(1))
-    gradient.scatter_add_(1, safe_targets, -valid.unsqueeze(1).to(gradient.dtype))
-    gradient.addcmul_(gradient, tanh.square_(), value=-1)  # times (1 - tanh^2): through the softcap
-    return losses, gradient
-
-
-class _FusedSoftcapCrossEntropy(torch.autograd.Function):
-    """Sum of the per-token losses; the gradients are computed in forward (see above)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size: int):
-        head = weight[:vocab_size].to(x.dtype)  # the padded rows get no logits and no gradient
-        grad_x = torch.empty_like(x)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        total = torch.zeros((), device=x.device, dtype=torch.float32)
-        rows = _loss_chunk_rows(x.device, vocab_size)
-        for start in range(0, x.size(0), rows):
-            chunk = slice(start, start + rows)
-            losses, gradient = _softcap_chunk(x[chunk], head, targets[chunk], want_gradient=True)
-            total += losses.sum()
-            gradient = gradient.to(x.dtype)
-            torch.matmul(gradient, head, out=grad_x[chunk])
-            grad_weight[:vocab_size] += (gradient.T @ x[chunk]).float()
-        ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype))
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_x, grad_weight = ctx.saved_tensors
-        return grad_x * grad_total.to(grad_x.dtype), grad_weight * grad_total, None, None
-
-
-def softcapped_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, reduction: str = "mean"
-) -> torch.Tensor:
-    """Cross-entropy of the soft-capped logits 15 tanh(x W[:vocab]^T / 15) against targets (-1 = ignored),
-    computed chunk by chunk. Same values as the plain formulation in GPT.forward; reduction "mean", "sum", or
-    "none" (per-token losses shaped like targets, only without gradients)."""
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    flat_x = x.reshape(-1, x.size(-1))
-    flat_targets = targets.reshape(-1)
-    needs_gradient = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if needs_gradient:
-        if reduction == "none":
-            raise ValueError("softcapped_cross_entropy: per-token losses with gradients need the full logits")
-        total = _FusedSoftcapCrossEntropy.apply(flat_x, weight, flat_targets, vocab_size)
-    else:
-        with torch.no_grad():
-            head = weight[:vocab_size].to(x.dtype)
-            rows = _loss_chunk_rows(x.device, vocab_size)
-            losses = torch.cat([
-                _softcap_chunk(flat_x[i : i + rows], head, flat_targets[i : i + rows], want_gradient=False)[0]
-                for i in range(0, flat_x.size(0), rows)
-            ])  # fmt: skip
-        if reduction == "none":
-            return losses.view(targets.shape)
-        total = losses.sum()
-    if reduction == "sum":
-        return total
-    return total / (flat_targets >= 0).sum()  # mean over the counted targets (NaN if none, like F.cross_entropy)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The model
 
 
@@ -555,7 +449,7 @@ class GPT(nn.Module):
             kv_cache.advance(T)
 
         if targets is not None and self.fused_loss and (loss_reduction != "none" or not torch.is_grad_enabled()):
-            # The usual training / evaluation call: never materialise all the fp32 logits (see below).
+            # The usual training / evaluation call: never materialise all the fp32 logits (picochat/loss.py).
             return softcapped_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size, loss_reduction)
         if last_only:
             x = x[:, -1:]

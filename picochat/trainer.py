@@ -47,9 +47,7 @@ import gc
 import json
 import math
 import os
-import resource
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -61,8 +59,9 @@ import torch
 import torch.distributed as dist
 
 from picochat.checkpoint import Checkpoint, save_checkpoint
-from picochat.common import PicochatError, atomic_write_text, autodetect_device, distributed_info, log, progress, warn
+from picochat.common import PicochatError, atomic_write_text, log, progress, warn
 from picochat.evaluation.bpb import evaluate_bpb
+from picochat.hardware import Distributed, is_distributed, peak_flops, peak_memory_bytes
 
 GC_EVERY = 5000  # steps between manual garbage collections once gc is frozen
 UNTIMED_STEPS = 10  # the first steps (compilation, warm-up) do not count towards the training time
@@ -165,112 +164,6 @@ def gradient_accumulation_steps(total_batch_size: int, device_batch_size: int, s
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Ranks: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR/PORT); a plain run is rank 0 of 1.
-
-
-@dataclass
-class Distributed:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-@contextlib.contextmanager
-def distributed_session(device: str | None = None) -> Iterator[Distributed]:
-    """Pick the device, and under torchrun initialise the process group (nccl on CUDA with the device from
-    LOCAL_RANK, gloo on CPU); the group is destroyed on the way out, on errors too."""
-    rank, local_rank, world_size = distributed_info()
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-    device_type = torch.device(device or autodetect_device()).type
-    if device_type == "cuda":
-        if not torch.cuda.is_available():
-            raise PicochatError("--device cuda: no CUDA GPU is available (use --device cpu)")
-        torch_device = torch.device("cuda", local_rank if launched else torch.device(device or "cuda").index or 0)
-        torch.cuda.set_device(torch_device)
-    elif launched and world_size > 1 and device_type != "cpu":
-        raise PicochatError(f"--device {device_type}: multi-process training runs on cpu (gloo) or cuda (nccl)")
-    else:
-        torch_device = torch.device(device_type)
-    started = False
-    if launched and not dist.is_initialized():
-        if device_type == "cuda":
-            dist.init_process_group("nccl", device_id=torch_device)
-        else:
-            dist.init_process_group("gloo")
-        started = True
-    try:
-        yield Distributed(rank, local_rank, world_size, torch_device)
-    finally:
-        if started and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Peak FLOP/s, for MFU
-
-
-# Dense bf16 tensor-core peaks (FLOP/s), matched on the lower-cased device name; the more specific names first.
-GPU_PEAK_FLOPS = [
-    ("gh200", 989e12), ("gb200", 2.5e15), ("b200", 2.25e15), ("h200", 989e12), ("h100 nvl", 835e12),
-    ("h100 pcie", 756e12), ("h100", 989e12), ("a100", 312e12), ("l40s", 362e12), ("l4", 121e12),
-    ("rtx 5090", 209.5e12), ("rtx 4090", 165.2e12), ("rtx 3090", 71e12), ("mi300x", 1.3074e15),
-]  # fmt: skip
-
-
-def cpu_peak_flops(threads: int | None = None) -> tuple[float, str]:
-    """Nominal fp32 peak of the CPU threads torch uses: threads x clock x FLOPs per cycle, from /proc/cpuinfo.
-
-    FLOPs per cycle assume two FMA units per core: AVX-512 2 x 16 lanes x 2 = 64, AVX2+FMA 32, AVX 16, else 8.
-    This is an optimistic ceiling (many cores have one 512-bit unit or clock down under AVX-512); bench/train.py
-    reports it next to a fp32 matmul throughput it measures on the machine, which is the honest yardstick."""
-    threads = threads or torch.get_num_threads()
-    flags, clock_hz = set(), 3e9  # (3 GHz when the clock cannot be read, e.g. not Linux)
-    with contextlib.suppress(OSError, ValueError):
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines())
-        info = {key.strip(): value.strip() for key, value in info.items()}
-        flags, clock_hz = set(info.get("flags", "").split()), float(info.get("cpu MHz", 3000)) * 1e6
-        clock_hz = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) * 1e3
-    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16 if "avx" in flags else 8
-    described = f"{threads} threads x {clock_hz / 1e9:.2f} GHz x {per_cycle} fp32 FLOPs/cycle (nominal)"
-    return threads * clock_hz * per_cycle, described
-
-
-def gpu_peak_flops(device_name: str) -> float | None:
-    """The table's peak for a GPU name such as "NVIDIA H100 80GB HBM3"; None when not in the table."""
-    name = device_name.lower()
-    for pattern, flops in GPU_PEAK_FLOPS:
-        if pattern in name:
-            return flops
-    return None
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Nominal peak FLOP/s of one rank's device; None when unknown (MFU is then not reported)."""
-    if device.type == "cpu":
-        return cpu_peak_flops()[0]
-    if device.type == "cuda":
-        return gpu_peak_flops(torch.cuda.get_device_name(device))
-    return None
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """High-water mark: allocated GPU memory on CUDA, the process's resident set (RSS) on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -338,6 +231,7 @@ class Trainer:
         self.min_val_bpb = float("inf")
         self.last_eval_step = self.last_sample_step = -1
         self._stop_signal: int | None = None
+        self._data_exhausted = False  # the training data ran out: the stage is over even before num_iterations
         self._started = time.perf_counter()
         self._metrics_file = None
         self._wandb = None
@@ -395,7 +289,8 @@ class Trainer:
                 batch = self._fetch(loaders)
                 batch.exhausted = self._any_rank(batch.exhausted)
             while True:
-                stopping = self._stop_signal is not None or (batch is not None and batch.exhausted)
+                self._data_exhausted = batch is not None and batch.exhausted
+                stopping = self._stop_signal is not None or self._data_exhausted
                 last = self.step >= settings.num_iterations or stopping
                 if not stopping and self._evaluate_and_sample(last):
                     # A signal may arrive during a (long) evaluation, which then stops early: agree on it.
@@ -455,12 +350,12 @@ class Trainer:
             states.append(state)
         counted = [(targets != -1).sum() for _, targets in micro_batches]
         count = torch.stack(counted).sum() if counted else torch.zeros((), dtype=torch.int64, device=self.ranks.device)
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(count)
         return StepBatch(micro_batches, count, states, exhausted)
 
     def _any_rank(self, flag: bool) -> bool:
-        if not _distributed():
+        if not is_distributed():
             return flag
         votes = torch.tensor(float(flag), device=self.ranks.device)
         dist.all_reduce(votes)
@@ -496,7 +391,7 @@ class Trainer:
         # ranks) and "did a loader run out" while prefetching.
         flags = [self._stop_signal is not None, next_batch is not None and next_batch.exhausted]
         reduced = torch.cat([loss_sum.view(1), torch.tensor(flags, dtype=torch.float32, device=self.ranks.device)])
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(reduced)
         reduced[0] /= batch.count.clamp(min=1)
         loss_value, stop_votes, exhausted_votes = reduced.tolist()
@@ -584,7 +479,7 @@ class Trainer:
         """Checkpoint at the current step. Collective: every rank calls it; rank 0 writes."""
         optimizer_state = self.optimizer.state_dict()  # collective: gathers every rank's shard
         gathered = [self.loader_states]
-        if _distributed():
+        if is_distributed():
             gathered = [None] * self.ranks.world_size if self.ranks.is_main else None
             dist.gather_object(self.loader_states, gathered, dst=0)  # in-memory transport only; we write no pickle
         if not self.ranks.is_main:
@@ -606,6 +501,8 @@ class Trainer:
                 "min_val_bpb": None if math.isinf(self.min_val_bpb) else self.min_val_bpb,
                 "last_eval_step": self.last_eval_step,
                 "last_sample_step": self.last_sample_step,
+                # Whether this checkpoint ends the stage (`picochat run` skips a finished stage).
+                "finished": self.step >= self.settings.num_iterations or self._data_exhausted,
             },
             "settings": {**self.resume_settings, "num_iterations": self.settings.num_iterations,
                          "world_size": self.ranks.world_size, "device_batch_size": self.settings.device_batch_size},

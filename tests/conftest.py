@@ -24,3 +24,25 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     """Every test gets its own PICOCHAT_HOME so nothing touches ~/.cache/picochat, and no progress bars."""
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path_factory.mktemp("picochat_home")))
     monkeypatch.setenv("PICOCHAT_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for the length of a test file: tiny models run fastest that way (no OpenMP barriers),
+    and on a busy shared CPU two threads can be 50x slower. A file opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data_dir):
+    """The tiny Wikipedia BPE most model tests use (helpers.wiki_tokenizer). A test file that needs another
+    tokenizer defines its own `tokenizer` fixture, which takes precedence over this one."""
+    from helpers import wiki_tokenizer
+
+    return wiki_tokenizer(data_dir)

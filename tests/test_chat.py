@@ -10,29 +10,21 @@ import subprocess
 import sys
 import time
 
-import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import tiny_model
 
 from picochat.checkpoint import save_checkpoint
 from picochat.cli import main
 from picochat.common import atomic_write_json
 from picochat.engine import Engine, Piece
-from picochat.gpt import GPT, GPTConfig
+from picochat.gpt import GPT
 from picochat.stages.chat import Chat
-from picochat.tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer(data_dir) -> Tokenizer:
-    table = pq.read_table(data_dir / "pretrain/wikipedia_en/shard_00000.parquet", columns=["text"])
-    return Tokenizer.train([text[:2000] for text in table.column("text").to_pylist()[:20]], vocab_size=300)
-
-
-def tiny_model(vocab_size: int, sequence_len: int = 128) -> GPT:
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
-    model = GPT.build(config, "cpu")
+def chat_model(vocab_size: int, sequence_len: int = 128) -> GPT:
+    """helpers.tiny_model with a random lm_head: the init's (std 0.001) predicts nearly uniformly."""
+    model = tiny_model(vocab_size, sequence_len)
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.5)
     return model
@@ -43,7 +35,7 @@ def run_dir(tmp_path_factory, tokenizer):
     """A tiny run folder made the way the pipeline makes one: tokenizer/ + base/{config.json, weights}."""
     run = tmp_path_factory.mktemp("run")
     tokenizer.save(run / "tokenizer")
-    model = tiny_model(tokenizer.vocab_size)
+    model = chat_model(tokenizer.vocab_size)
     save_checkpoint(run / "base", 1, model.state_dict(), {})
     atomic_write_json(run / "base" / "config.json", {"model": model.config.to_dict()})
     return run
@@ -159,7 +151,7 @@ def test_interactive_session_through_a_terminal(run_dir):
 def test_history_stays_within_the_context(tokenizer, monkeypatch, capsys):
     notices = []
     monkeypatch.setattr("picochat.engine.warn", notices.append)
-    engine = Engine(tiny_model(tokenizer.vocab_size, sequence_len=64), tokenizer)
+    engine = Engine(chat_model(tokenizer.vocab_size, sequence_len=64), tokenizer)
     chat = Chat(engine, "You are terse.", temperature=1.0, top_k=None, top_p=None, max_tokens=16, seed=0)
     for i in range(12):
         chat.reply(f"message number {i} with a few words")
@@ -177,7 +169,7 @@ def test_history_stays_within_the_context(tokenizer, monkeypatch, capsys):
 
 
 def test_tool_calls_are_shown_apart_and_kept_as_parts(tokenizer, capsys):
-    engine = Engine(tiny_model(tokenizer.vocab_size), tokenizer)
+    engine = Engine(chat_model(tokenizer.vocab_size), tokenizer)
     chat = Chat(engine, None, temperature=0.0, top_k=None, top_p=None, max_tokens=16, seed=0)
     pieces = [Piece("text", "Let me compute. "), Piece("python", "2+"), Piece("python", "3"),
               Piece("python_output", "5"), Piece("text", "It is 5.\x1b[2J")]  # fmt: skip

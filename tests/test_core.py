@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from picochat.cli import main
 from picochat.common import PicochatError, atomic_write_json
-from picochat.evaluation import core
-from picochat.evaluation.core import CoreTask, Row, RowScore
+from picochat.evaluation import core, core_tasks
+from picochat.evaluation.core import Row, RowScore
+from picochat.evaluation.core_tasks import CoreTask
 from picochat.tokenizer import Tokenizer
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -59,12 +60,12 @@ def tiny_model(vocab_size: int, sequence_len: int, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tasks(data_dir) -> dict[str, CoreTask]:
-    return {task.label: task for task in core.load_core_tasks(data_dir / "core_eval")}
+    return {task.label: task for task in core_tasks.load_core_tasks(data_dir / "core_eval")}
 
 
 def task_items(data_dir, task: CoreTask, count: int) -> list[dict]:
-    path = core.task_data_path(data_dir / "core_eval", task)
-    return core.select_items(core.load_task_items(path, task.task_type), count)
+    path = core_tasks.task_data_path(data_dir / "core_eval", task)
+    return core_tasks.select_items(core_tasks.load_task_items(path, task.task_type), count)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,7 +79,8 @@ def test_shared_bundle_has_the_22_core_tasks_with_their_settings(data_dir, tasks
     assert tasks["copa"].continuation_delimiter == " " and tasks["copa"].num_fewshot == 0
     assert tasks["winogrande"].task_type == "schema" and tasks["agi_eval_lsat_ar"].num_fewshot == 3
     assert tasks["boolq"].random_baseline == 62 and tasks["commonsense_qa"].random_baseline == 40.3
-    present = [label for label, task in tasks.items() if core.task_data_path(data_dir / "core_eval", task).is_file()]
+    core_dir = data_dir / "core_eval"
+    present = [label for label, task in tasks.items() if core_tasks.task_data_path(core_dir, task).is_file()]
     assert len(present) == 18
     assert set(tasks) - set(present) == {"hellaswag_zeroshot", "hellaswag", "squad", "coqa"}
 
@@ -87,35 +89,35 @@ def test_items_are_shuffled_with_1337_and_shots_drawn_with_1234_plus_index():
     items = [{"n": i} for i in range(50)]
     expected = list(items)
     random.Random(1337).shuffle(expected)
-    assert core.select_items(items, 20) == expected[:20]
-    assert core.select_items(items, None) == expected
+    assert core_tasks.select_items(items, 20) == expected[:20]
+    assert core_tasks.select_items(items, None) == expected
     for index in (0, 7, 19):
-        shots = core.fewshot_indices(index, 20, 10)
+        shots = core_tasks.fewshot_indices(index, 20, 10)
         others = [i for i in range(20) if i != index]
         assert shots == random.Random(1234 + index).sample(others, 10)
         assert index not in shots
-    assert core.fewshot_indices(3, 20, 0) == []
-    assert sorted(core.fewshot_indices(1, 4, 10)) == [0, 2, 3]  # fewer items than shots: all the others
+    assert core_tasks.fewshot_indices(3, 20, 0) == []
+    assert sorted(core_tasks.fewshot_indices(1, 4, 10)) == [0, 2, 3]  # fewer items than shots: all the others
 
 
 def test_prompts_are_rendered_exactly():
     mc = CoreTask("mc", "x.jsonl", 2, "multiple_choice", "\nAnswer: ", 25.0)
     shots = [{"query": "Q1?", "choices": ["a", "b"], "gold": 1}, {"query": "Q2?", "choices": ["c", "d"], "gold": 0}]
-    assert core.render_prompts({"query": "Q?", "choices": ["yes", "no"], "gold": 0}, mc, shots) == [
+    assert core_tasks.render_prompts({"query": "Q?", "choices": ["yes", "no"], "gold": 0}, mc, shots) == [
         "Q1?\nAnswer: b\n\nQ2?\nAnswer: c\n\nQ?\nAnswer: yes",
         "Q1?\nAnswer: b\n\nQ2?\nAnswer: c\n\nQ?\nAnswer: no",
     ]
     schema = CoreTask("schema", "x.jsonl", 1, "schema", " ", 50.0)
     shot = {"context_options": ["Ann won", "Bob won"], "continuation": "so he smiled.", "gold": 1}
     item = {"context_options": ["Cat sat", "Dog sat"], "continuation": "on it.", "gold": 0}
-    assert core.render_prompts(item, schema, [shot]) == [
+    assert core_tasks.render_prompts(item, schema, [shot]) == [
         "Bob won so he smiled.\n\nCat sat on it.", "Bob won so he smiled.\n\nDog sat on it."]
     lm = CoreTask("lm", "x.jsonl", 1, "language_modeling", " ", 0.0)
     shot = {"context": "  2+2 = \n", "continuation": "4"}
     item = {"context": "3+3 =  ", "continuation": "6"}
     # contexts are stripped; the prompt without the continuation is stripped as a whole (no trailing space)
-    assert core.render_prompts(item, lm, [shot]) == ["2+2 = 4\n\n3+3 =", "2+2 = 4\n\n3+3 = 6"]
-    assert core.render_prompts(item, CoreTask("lm", "x", 0, "language_modeling", "\nAnswer: ", 0.0), []) == [
+    assert core_tasks.render_prompts(item, lm, [shot]) == ["2+2 = 4\n\n3+3 =", "2+2 = 4\n\n3+3 = 6"]
+    assert core_tasks.render_prompts(item, CoreTask("lm", "x", 0, "language_modeling", "\nAnswer: ", 0.0), []) == [
         "3+3 =\nAnswer:", "3+3 =\nAnswer: 6"]
 
 
@@ -238,8 +240,8 @@ def test_model_scorer_matches_a_plain_forward_pass(data_dir, tasks, gpt2_tokeniz
         items = task_items(data_dir, task, 4)
         groups = []
         for index, item in enumerate(items):
-            shots = [items[j] for j in core.fewshot_indices(index, len(items), task.num_fewshot)]
-            prompts = core.render_prompts(item, task, shots)
+            shots = [items[j] for j in core_tasks.fewshot_indices(index, len(items), task.num_fewshot)]
+            prompts = core_tasks.render_prompts(item, task, shots)
             groups.append(core.item_rows(gpt2_tokenizer.encode(prompts, prepend=gpt2_tokenizer.bos_token_id),
                                          task.task_type, window))
         shared += sum(core._shared_context_length(rows) >= core.SHARED_CONTEXT_MIN_TOKENS for rows in groups)
@@ -272,13 +274,13 @@ def test_malformed_task_files_are_one_line_errors(tmp_path, data_dir):
     path = tmp_path / "t.jsonl"
     path.write_text('{"query": "q", "choices": ["a", "b"], "gold": 0}\n{"query": "q", "choices": ["a"], "gold": 3}\n')
     with pytest.raises(PicochatError, match=r"t.jsonl:2: .*gold"):
-        core.load_task_items(path, "multiple_choice")
+        core_tasks.load_task_items(path, "multiple_choice")
     path.write_text('{"context": "c", "continuation": "x"}\nnot json\n')
     with pytest.raises(PicochatError, match=r"t.jsonl:2: not a JSON object"):
-        core.load_task_items(path, "language_modeling")
+        core_tasks.load_task_items(path, "language_modeling")
     path.write_text('{"context_options": "ab", "continuation": "x", "gold": 0}\n')
     with pytest.raises(PicochatError, match="context_options"):
-        core.load_task_items(path, "schema")
+        core_tasks.load_task_items(path, "schema")
 
     bundle = tmp_path / "bundle"
     bundle.mkdir()
@@ -286,16 +288,16 @@ def test_malformed_task_files_are_one_line_errors(tmp_path, data_dir):
                                       "  icl_task_type: multiple_choice\n")
     shutil.copy(data_dir / "core_eval" / "eval_meta_data.csv", bundle)
     with pytest.raises(PicochatError, match="no 'Random baseline' row for task 'mystery'"):
-        core.load_core_tasks(bundle)
+        core_tasks.load_core_tasks(bundle)
     (bundle / "core.yaml").write_text("icl_tasks:\n- label: copa\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n"
                                       "  icl_task_type: essay\n")
     with pytest.raises(PicochatError, match="icl_task_type 'essay'"):
-        core.load_core_tasks(bundle)
+        core_tasks.load_core_tasks(bundle)
 
 
 def make_bundle(folder: Path, data_dir: Path, labels: list[str], extra: str = "") -> Path:
     """A small eval bundle: core.yaml with the real settings of `labels`, the real baselines and data files."""
-    all_tasks = {t.label: t for t in core.load_core_tasks(data_dir / "core_eval")}
+    all_tasks = {t.label: t for t in core_tasks.load_core_tasks(data_dir / "core_eval")}
     lines = ["icl_tasks:"]
     for label in labels:
         task = all_tasks[label]
@@ -335,16 +337,16 @@ def test_bundle_is_downloaded_and_unpacked_when_there_is_no_local_copy(tmp_path,
                 archive.write(path, Path("eval_bundle") / path.relative_to(source))
     empty_data = tmp_path / "no_data"
     empty_data.mkdir()
-    core_dir = core.resolve_core_dir(None, empty_data, url=f"{url}/eval_bundle.zip")
+    core_dir = core_tasks.resolve_core_dir(None, empty_data, url=f"{url}/eval_bundle.zip")
     assert core_dir == Path(os.environ["PICOCHAT_HOME"]) / "eval_bundle"
-    assert [t.label for t in core.load_core_tasks(core_dir)] == ["copa", "winograd"]
+    assert [t.label for t in core_tasks.load_core_tasks(core_dir)] == ["copa", "winograd"]
     assert (core_dir / "eval_data" / "commonsense_reasoning" / "copa.jsonl").is_file()
     assert not (core_dir.parent / "eval_bundle.zip").exists()
     # once there, it is used as is (the server is not asked again)
     (served / "eval_bundle.zip").unlink()
-    assert core.resolve_core_dir(None, empty_data, url=f"{url}/eval_bundle.zip") == core_dir
+    assert core_tasks.resolve_core_dir(None, empty_data, url=f"{url}/eval_bundle.zip") == core_dir
     # the shared data folder's core_eval wins over the download
-    assert core.resolve_core_dir(None, data_dir) == data_dir / "core_eval"
+    assert core_tasks.resolve_core_dir(None, data_dir) == data_dir / "core_eval"
 
 
 def test_bad_bundle_archives_are_refused(tmp_path, http_server):
@@ -354,17 +356,17 @@ def test_bad_bundle_archives_are_refused(tmp_path, http_server):
         archive.writestr("../escape/core.yaml", "icl_tasks: []")
     (served / "evil.zip").write_bytes(buffer.getvalue())
     with pytest.raises(PicochatError, match="unsafe path"):
-        core.download_eval_bundle(f"{url}/evil.zip", tmp_path / "home" / "eval_bundle")
+        core_tasks.download_eval_bundle(f"{url}/evil.zip", tmp_path / "home" / "eval_bundle")
     assert not (tmp_path / "escape").exists()
     (served / "html.zip").write_text("<html>not a zip</html>")
     with pytest.raises(PicochatError, match="not a zip file"):
-        core.download_eval_bundle(f"{url}/html.zip", tmp_path / "home" / "eval_bundle")
+        core_tasks.download_eval_bundle(f"{url}/html.zip", tmp_path / "home" / "eval_bundle")
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("eval_bundle/readme.txt", "no config here")
     (served / "empty.zip").write_bytes(buffer.getvalue())
     with pytest.raises(PicochatError, match="no core.yaml"):
-        core.download_eval_bundle(f"{url}/empty.zip", tmp_path / "home" / "eval_bundle")
+        core_tasks.download_eval_bundle(f"{url}/empty.zip", tmp_path / "home" / "eval_bundle")
 
 
 # ----------------------------------------------------------------------------------------------------------

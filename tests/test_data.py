@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from picochat import data
+from picochat import readers
 from picochat.cli import main
 from picochat.common import PicochatError
 from picochat.data import (
@@ -55,8 +55,8 @@ def texts_of(files, **kwargs) -> list[str]:
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Tiny jsonl/txt blocks and parquet batches, so a few documents cross every kind of boundary."""
-    monkeypatch.setattr(data, "LINE_BLOCK_SIZE", 2)
-    monkeypatch.setattr(data, "PARQUET_BATCH_ROWS", 2)
+    monkeypatch.setattr(readers, "LINE_BLOCK_SIZE", 2)
+    monkeypatch.setattr(readers, "PARQUET_BATCH_ROWS", 2)
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def mixed(tmp_path):
 @pytest.fixture
 def warnings(monkeypatch):
     messages: list[str] = []
-    monkeypatch.setattr(data, "warn", messages.append)
+    monkeypatch.setattr(readers, "warn", messages.append)
     return messages
 
 
@@ -174,8 +174,8 @@ def test_cursor_positions(mixed, small_blocks):
 @pytest.mark.parametrize("tiny", [True, False])
 def test_exact_resume_after_every_document(mixed, monkeypatch, tiny):
     if tiny:
-        monkeypatch.setattr(data, "LINE_BLOCK_SIZE", 2)
-        monkeypatch.setattr(data, "PARQUET_BATCH_ROWS", 2)
+        monkeypatch.setattr(readers, "LINE_BLOCK_SIZE", 2)
+        monkeypatch.setattr(readers, "PARQUET_BATCH_ROWS", 2)
     files, expected = mixed
     cursors = [Cursor()] + [cursor for _, cursor in iter_documents(files)]
     for k, cursor in enumerate(cursors):

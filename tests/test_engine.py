@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import lively_model
 
 import picochat
 from picochat import engine as engine_module
@@ -18,32 +18,6 @@ from picochat.checkpoint import save_checkpoint
 from picochat.common import PicochatError, atomic_write_json
 from picochat.engine import FINISHED, Engine, StreamDecoder, prepare_for_inference, sample_next_token
 from picochat.gpt import GPT, GPTConfig
-from picochat.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(data_dir) -> Tokenizer:
-    """A tiny byte-level BPE (300 tokens) from a slice of real Wikipedia text: most multi-byte characters stay
-    split over several byte tokens, which is what the streaming tests need."""
-    table = pq.read_table(data_dir / "pretrain/wikipedia_en/shard_00000.parquet", columns=["text"])
-    texts = [text[:2000] for text in table.column("text").to_pylist()[:20]]
-    return Tokenizer.train(texts, vocab_size=300)
-
-
-def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> GPT:
-    """sequence_len 256 -> short window 128, so 200 generated tokens run past it; GQA (4 query, 2 kv heads). The
-    reference init zeroes c_proj and smear_lambda, which would hide cache bugs, so those get random values."""
-    settings = dict(sequence_len=256, vocab_size=vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
-    settings.update(overrides)
-    torch.manual_seed(seed)
-    model = GPT.build(GPTConfig(**settings), "cpu")
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.c_proj.weight.normal_(0, 0.1)
-            block.mlp.c_proj.weight.normal_(0, 0.05)
-        model.lm_head.weight.normal_(0, 0.2)
-        model.smear_lambda.fill_(0.7)
-    return model.eval()
 
 
 class ScriptedGPT(GPT):
@@ -90,7 +64,7 @@ def naive_greedy(model: GPT, prompt: list[int], steps: int) -> list[int]:
 
 
 def test_greedy_engine_equals_naive_recompute_for_200_tokens(tokenizer):
-    model = tiny_model(tokenizer.vocab_size)
+    model = lively_model(tokenizer.vocab_size)
     assert max(model.window_sizes[:-1]) == 128 < 220  # the short windows really bind
     engine = Engine(model, tokenizer, tool=None)
     prompt = tokenizer.encode("The history of the city", prepend="<|bos|>")
@@ -105,7 +79,7 @@ def test_greedy_engine_equals_naive_recompute_for_200_tokens(tokenizer):
 
 
 def test_prefill_logits_of_the_last_position_only(tokenizer):
-    model = tiny_model(tokenizer.vocab_size)
+    model = lively_model(tokenizer.vocab_size)
     idx = torch.randint(0, tokenizer.vocab_size, (2, 40))
     with torch.no_grad():
         full = model(idx)
@@ -117,7 +91,7 @@ def test_prefill_logits_of_the_last_position_only(tokenizer):
 
 
 def test_kv_cache_replicate_and_select_rows(tokenizer):
-    model = tiny_model(tokenizer.vocab_size)
+    model = lively_model(tokenizer.vocab_size)
     ids = torch.randint(0, tokenizer.vocab_size, (1, 30))
     with torch.no_grad():
         single = model.new_kv_cache(batch_size=1, max_len=30)
@@ -176,7 +150,7 @@ def test_samples_draw_their_own_first_token_independently(tokenizer):
 
 
 def test_same_seed_same_text_other_seed_other_text(tokenizer):
-    engine = Engine(tiny_model(tokenizer.vocab_size), tokenizer)
+    engine = Engine(lively_model(tokenizer.vocab_size), tokenizer)
     prompt = tokenizer.encode("Once upon a time", prepend="<|bos|>")
     runs = [engine.generate_batch(prompt, num_samples=2, max_tokens=30, seed=seed) for seed in (7, 7, 8)]
     assert [c.tokens for c in runs[0]] == [c.tokens for c in runs[1]]
@@ -303,7 +277,7 @@ def test_generate_reports_finished_rows(tokenizer):
 
 
 def test_bad_prompts_and_settings_are_clear_errors(tokenizer):
-    engine = Engine(tiny_model(tokenizer.vocab_size), tokenizer)
+    engine = Engine(lively_model(tokenizer.vocab_size), tokenizer)
     bos = tokenizer.bos_token_id
     cases = [
         (dict(tokens=[]), "prompt is empty"),
@@ -322,7 +296,7 @@ def test_bad_prompts_and_settings_are_clear_errors(tokenizer):
     for arguments, message in cases:
         with pytest.raises(PicochatError, match=message):
             engine.generate(**arguments)
-    other_tokenizer_model = tiny_model(tokenizer.vocab_size + 1)
+    other_tokenizer_model = lively_model(tokenizer.vocab_size + 1)
     with pytest.raises(PicochatError, match="different runs"):
         Engine(other_tokenizer_model, tokenizer)
 
@@ -330,7 +304,7 @@ def test_bad_prompts_and_settings_are_clear_errors(tokenizer):
 def test_conversation_drops_oldest_turns_to_fit_with_a_notice(tokenizer, monkeypatch):
     notices = []
     monkeypatch.setattr(engine_module, "warn", notices.append)
-    engine = Engine(tiny_model(tokenizer.vocab_size), tokenizer)  # context 256
+    engine = Engine(lively_model(tokenizer.vocab_size), tokenizer)  # context 256
     long_text = "word " * 40
     messages = [{"role": "system", "content": "be brief"}]
     for i in range(6):
@@ -380,7 +354,7 @@ def test_stream_decoder_never_splits_a_character_nor_prints_specials(tokenizer):
 
 
 def test_stream_chat_yields_pieces(tokenizer):
-    engine = Engine(tiny_model(tokenizer.vocab_size), tokenizer)
+    engine = Engine(lively_model(tokenizer.vocab_size), tokenizer)
     messages = [{"role": "user", "content": "Hello"}]
     pieces = list(engine.stream_chat(messages, max_tokens=24, seed=5))
     (completion,) = engine.chat(messages, max_tokens=24, seed=5)
@@ -397,7 +371,7 @@ def test_stream_chat_yields_pieces(tokenizer):
 
 
 def test_bf16_inference_copy_matches_the_fp32_master_model(tokenizer):
-    masters = tiny_model(tokenizer.vocab_size)
+    masters = lively_model(tokenizer.vocab_size)
     engine = Engine(masters, tokenizer, compute_dtype=torch.bfloat16)
     floating = [p for p in engine.model.parameters() if p.is_floating_point()]
     assert {p.dtype for p in floating} == {torch.bfloat16} and engine.model.cos.dtype == torch.bfloat16
@@ -428,7 +402,7 @@ def test_bf16_inference_copy_matches_the_fp32_master_model(tokenizer):
 
 
 def test_fp32_inference_shares_the_weights_and_in_place_conversion(tokenizer):
-    model = tiny_model(tokenizer.vocab_size)
+    model = lively_model(tokenizer.vocab_size)
     engine = Engine(model, tokenizer)
     assert engine.model is not model
     assert engine.model.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()  # no second copy in fp32
@@ -447,7 +421,7 @@ def tiny_run(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setenv("PICOCHAT_HOME", str(home))
     run_dir = home / "runs" / "myrun"
     tokenizer.save(run_dir / "tokenizer")
-    model = tiny_model(tokenizer.vocab_size)
+    model = lively_model(tokenizer.vocab_size)
     save_checkpoint(run_dir / "base", 5, model.state_dict(), {"step": 5})
     atomic_write_json(run_dir / "base" / "config.json", {"model": model.config.to_dict()})
     return run_dir

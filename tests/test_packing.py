@@ -11,16 +11,9 @@ import pytest
 import tiktoken.load
 import torch
 
+from picochat.bestfit import PackingStats, PretrainingStream, tokenize_documents
 from picochat.common import PicochatError
-from picochat.packing import (
-    PackingStats,
-    PretrainingStream,
-    merge_loader_states,
-    owned_streams,
-    pretraining_batches,
-    sft_batches,
-    tokenize_documents,
-)
+from picochat.packing import merge_loader_states, owned_streams, pretraining_batches, sft_batches
 from picochat.tokenizer import Tokenizer
 
 BOS = 1000  # the BOS of the hand-made documents below

@@ -31,13 +31,8 @@ TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-l
         "--matrix-lr", "0.5", "--embedding-lr", "5", "--unembedding-lr", "0.5", "--scalar-lr", "5"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (no OpenMP barriers on a busy machine), like the subprocesses below."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models run faster on one thread (no OpenMP barriers on a busy machine), like the subprocesses below.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

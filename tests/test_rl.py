@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 
-import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import tiny_model
 from safetensors.torch import load_file
 
 from picochat.checkpoint import load_checkpoint, save_checkpoint
@@ -26,28 +26,9 @@ from picochat.rl import (
     sample_rollout,
 )
 from picochat.tasks import GSM8K
-from picochat.tokenizer import Tokenizer
 from picochat.trainer import read_metrics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(data_dir) -> Tokenizer:
-    table = pq.read_table(data_dir / "pretrain/wikipedia_en/shard_00000.parquet", columns=["text"])
-    return Tokenizer.train([text[:2000] for text in table.column("text").to_pylist()[:20]], vocab_size=300)
-
-
-def tiny_model(vocab_size: int) -> GPT:
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=1024, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
-    return GPT.build(config, "cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- rewards ---------------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ import time
 
 import httpx
 import openai
-import pyarrow.parquet as pq
 import pytest
 import torch
 import uvicorn
+from helpers import lively_model
 
 import picochat
 from picochat.attention import SlotKVCache
@@ -26,43 +26,16 @@ from picochat.checkpoint import save_checkpoint
 from picochat.cli import main
 from picochat.common import atomic_write_json
 from picochat.engine import Engine
-from picochat.gpt import GPT, GPTConfig
+from picochat.gpt import GPT
 from picochat.serve.app import ServeSettings, create_app
 from picochat.serve.scheduler import GenerationJob, Scheduler
-from picochat.tokenizer import Tokenizer
 
 KEY = "test-key"
 HELLO = [{"role": "user", "content": "Hello! What is the capital of France?"}]
+SEQUENCE_LEN = 512  # the models' short window is then 128 tokens, shorter than the rows the tests decode
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and on a busy shared CPU two threads can be 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(data_dir) -> Tokenizer:
-    table = pq.read_table(data_dir / "pretrain/wikipedia_en/shard_00000.parquet", columns=["text"])
-    return Tokenizer.train([text[:2000] for text in table.column("text").to_pylist()[:20]], vocab_size=300)
-
-
-def tiny_model(vocab_size: int, sequence_len: int = 512, model_class=GPT) -> GPT:
-    """sequence_len 512 -> short window 128, shorter than the rows the tests decode. The zero-initialised
-    projections and smear get random values, so that a cache or position bug changes the output."""
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
-    model = model_class.build(config, "cpu")
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.c_proj.weight.normal_(0, 0.1)
-            block.mlp.c_proj.weight.normal_(0, 0.05)
-        model.lm_head.weight.normal_(0, 0.2)
-        model.smear_lambda.fill_(0.7)
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +43,7 @@ def run_dir(tmp_path_factory, tokenizer):
     """A run folder made the way the pipeline makes one: tokenizer/ + sft/{config.json, weights}."""
     run = tmp_path_factory.mktemp("run")
     tokenizer.save(run / "tokenizer")
-    model = tiny_model(tokenizer.vocab_size)
+    model = lively_model(tokenizer.vocab_size, SEQUENCE_LEN)
     save_checkpoint(run / "sft", 1, model.state_dict(), {})
     atomic_write_json(run / "sft" / "config.json", {"model": model.config.to_dict()})
     return run
@@ -148,7 +121,7 @@ def single_row_greedy(model: GPT, prompt: list[int], steps: int) -> list[int]:
 def test_slot_cache_decodes_rows_at_different_positions_like_single_rows(tokenizer):
     """Rows of different lengths join and leave a batch; each must produce exactly its single-row greedy tokens,
     through short windows (128) that the rows run past, with a row removed from the middle and one added late."""
-    model = tiny_model(tokenizer.vocab_size)
+    model = lively_model(tokenizer.vocab_size, SEQUENCE_LEN)
     assert model.window_sizes[:3] == [128, 128, 128]
     texts = ["The city", "In 1850 the railway reached the town and the population grew quickly " * 2, "A", "Music"]
     prompts = [tokenizer.encode(text, prepend="<|bos|>") for text in texts]
@@ -188,7 +161,7 @@ def test_slot_cache_decodes_rows_at_different_positions_like_single_rows(tokeniz
 
 @torch.inference_mode()
 def test_slot_cache_logits_match_a_full_forward(tokenizer):
-    model = tiny_model(tokenizer.vocab_size)
+    model = lively_model(tokenizer.vocab_size, SEQUENCE_LEN)
     sequences = [torch.randint(0, tokenizer.vocab_size, (length,)) for length in (150, 20, 90)]
     cache = model.new_slot_cache(capacity=4, max_len=200)
     for sequence in sequences:
@@ -355,7 +328,7 @@ def test_tool_calls_travel_as_parts_and_stay_out_of_the_content(tokenizer):
                     logits[row, -1, script[last]] = 10.0
             return logits
 
-    engine = Engine(tiny_model(tokenizer.vocab_size, model_class=ScriptedGPT), tokenizer)
+    engine = Engine(lively_model(tokenizer.vocab_size, SEQUENCE_LEN, model_class=ScriptedGPT), tokenizer)
     with LiveServer(create_app(Scheduler(engine, max_batch=2, queue_size=2))) as url:
         tools_client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         reply = tools_client.chat.completions.create(model="m", messages=HELLO, max_tokens=40)
@@ -490,7 +463,7 @@ class SlowGPT(GPT):
 
 @pytest.fixture(scope="module")
 def slow_engine(tokenizer) -> Engine:
-    return Engine(tiny_model(tokenizer.vocab_size, model_class=SlowGPT), tokenizer, tool=None)
+    return Engine(lively_model(tokenizer.vocab_size, SEQUENCE_LEN, model_class=SlowGPT), tokenizer, tool=None)
 
 
 class GatedGPT(GPT):
@@ -505,7 +478,7 @@ class GatedGPT(GPT):
 
 
 def test_full_queue_is_429_with_retry_after_and_waiting_too_long_is_503(tokenizer):
-    engine = Engine(tiny_model(tokenizer.vocab_size, model_class=GatedGPT), tokenizer, tool=None)
+    engine = Engine(lively_model(tokenizer.vocab_size, SEQUENCE_LEN, model_class=GatedGPT), tokenizer, tool=None)
     scheduler = Scheduler(engine, max_batch=1, queue_size=1)
     settings = ServeSettings(request_timeout=0.5, temperature=1.0, top_k=None)
     body = {"messages": HELLO, "max_tokens": 200}

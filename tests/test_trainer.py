@@ -1,6 +1,6 @@
 """The training loop's parts: schedules, accumulation, loss normalisation with masked targets, the fused
-chunked loss in gpt.py, peak-FLOPs tables, samples. The end-to-end behaviour (ranks, resume, signals, files) is in
-tests/test_pretrain.py."""
+chunked loss (loss.py), peak-FLOPs tables (hardware.py), samples. The end-to-end behaviour (ranks, resume,
+signals, files) is in tests/test_pretrain.py."""
 
 from __future__ import annotations
 
@@ -9,16 +9,15 @@ import math
 import pytest
 import torch
 
-import picochat.gpt as gpt_module
+import picochat.loss as loss_module
 from picochat.common import PicochatError
-from picochat.gpt import GPT, GPTConfig, softcapped_cross_entropy
+from picochat.gpt import GPT, GPTConfig
+from picochat.hardware import Distributed, cpu_peak_flops, gpu_peak_flops
+from picochat.loss import softcapped_cross_entropy
 from picochat.stages.pretrain import SAMPLE_PROMPTS, greedy_samples
 from picochat.trainer import (
-    Distributed,
     Trainer,
     TrainSettings,
-    cpu_peak_flops,
-    gpu_peak_flops,
     gradient_accumulation_steps,
     lr_multiplier,
     muon_momentum,
@@ -97,7 +96,7 @@ def test_accumulation_error_suggests_valid_values():
         gradient_accumulation_steps(100, 1, 32, 1)
 
 
-# ---- the fused, chunked loss (gpt.py) -------------------------------------------------------------------------
+# ---- the fused, chunked loss (loss.py) ------------------------------------------------------------------------
 
 
 def _model(vocab_size=1000, **overrides):
@@ -125,7 +124,7 @@ def _loss_and_grads(model, idx, targets, reduction, fused):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_fused_loss_equals_plain_loss_and_gradients(monkeypatch, reduction):
     # 7 rows per chunk: 150 tokens make 22 chunks with a ragged last one; vocab 1000 is padded to 1024.
-    monkeypatch.setattr(gpt_module, "LOSS_CHUNK_ELEMENTS_CPU", 7 * 1000)
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_ELEMENTS_CPU", 7 * 1000)
     model = _model()
     idx = torch.randint(0, 1000, (3, 50))
     targets = torch.randint(0, 1000, (3, 50))
@@ -139,7 +138,7 @@ def test_fused_loss_equals_plain_loss_and_gradients(monkeypatch, reduction):
 
 
 def test_fused_loss_per_token_and_no_grad(monkeypatch):
-    monkeypatch.setattr(gpt_module, "LOSS_CHUNK_ELEMENTS_CPU", 5 * 1000)
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_ELEMENTS_CPU", 5 * 1000)
     model = _model()
     idx = torch.randint(0, 1000, (2, 30))
     targets = torch.randint(0, 1000, (2, 30))
@@ -175,15 +174,15 @@ def test_fused_loss_bf16_matches_plain(monkeypatch):
 
 def test_fused_loss_chunks_never_hold_all_logits(monkeypatch):
     # Spy on the chunk function: no call ever sees more rows than the budget allows.
-    monkeypatch.setattr(gpt_module, "LOSS_CHUNK_ELEMENTS_CPU", 16 * 1000)
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_ELEMENTS_CPU", 16 * 1000)
     rows_seen = []
-    real = gpt_module._softcap_chunk
+    real = loss_module._softcap_chunk
 
     def spy(x, weight, targets, want_gradient):
         rows_seen.append(x.size(0))
         return real(x, weight, targets, want_gradient)
 
-    monkeypatch.setattr(gpt_module, "_softcap_chunk", spy)
+    monkeypatch.setattr(loss_module, "_softcap_chunk", spy)
     model = _model()
     idx = torch.randint(0, 1000, (4, 40))
     model(idx, idx).backward()

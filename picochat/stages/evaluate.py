@@ -183,8 +183,9 @@ def _result_name(kind: str, stage: str, step: int | None) -> str:
 def evaluate_core(args: argparse.Namespace, device, rank: int, world_size: int) -> int:
     import torch
 
-    from picochat.evaluation.core import EVAL_BUNDLE_URL, core_csv, resolve_core_dir
+    from picochat.evaluation.core import core_csv
     from picochat.evaluation.core import evaluate_core as run_core
+    from picochat.evaluation.core_tasks import EVAL_BUNDLE_URL, resolve_core_dir
 
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
     url = args.bundle_url or EVAL_BUNDLE_URL

@@ -300,9 +300,10 @@ def run(args: argparse.Namespace) -> int:
     from picochat.common import compute_dtype
     from picochat.data import TextFormat, default_pretraining_files, find_text_files, split_train_val
     from picochat.gpt import GPT, GPTConfig
+    from picochat.hardware import distributed_session
     from picochat.packing import pretraining_batches
     from picochat.tokenizer import Tokenizer
-    from picochat.trainer import Trainer, TrainSettings, distributed_session
+    from picochat.trainer import Trainer, TrainSettings
 
     run_dir = resolve_run_dir(args.run, args.run_dir)
     stage_dir = run_dir / "base"

@@ -91,12 +91,12 @@ def run(args: argparse.Namespace) -> int:
     from picochat.checkpoint import available_steps, latest_step, load_checkpoint, load_weights, save_checkpoint
     from picochat.engine import Engine
     from picochat.gpt import GPT, GPTConfig
+    from picochat.hardware import distributed_session
     from picochat.rl import pass_at_k, policy_gradient_loss, rollout_tensors, sample_rollout
     from picochat.stages.pretrain import _provenance, _read_json
     from picochat.stages.sft import source_model_config
     from picochat.tasks import GSM8K
     from picochat.tokenizer import Tokenizer
-    from picochat.trainer import distributed_session
 
     run_dir = resolve_run_dir(args.run, args.run_dir)
     stage_dir = run_dir / "rl"

@@ -1,0 +1,132 @@
+"""What a run trains on: its ranks and device (torchrun's process group), and the numbers the trainer reports
+about the hardware -- the device's nominal peak FLOP/s (for MFU) and the peak memory a rank used.
+
+Ranks come from common.distributed_info (torchrun's environment variables); distributed_session turns them into a
+device and an initialised process group for the length of a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from picochat.common import PicochatError, autodetect_device, distributed_info
+
+# ----------------------------------------------------------------------------------------------------------
+# Ranks: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR/PORT); a plain run is rank 0 of 1.
+
+
+@dataclass
+class Distributed:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def distributed_session(device: str | None = None) -> Iterator[Distributed]:
+    """Pick the device, and under torchrun initialise the process group (nccl on CUDA with the device from
+    LOCAL_RANK, gloo on CPU); the group is destroyed on the way out, on errors too."""
+    rank, local_rank, world_size = distributed_info()
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    device_type = torch.device(device or autodetect_device()).type
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise PicochatError("--device cuda: no CUDA GPU is available (use --device cpu)")
+        torch_device = torch.device("cuda", local_rank if launched else torch.device(device or "cuda").index or 0)
+        torch.cuda.set_device(torch_device)
+    elif launched and world_size > 1 and device_type != "cpu":
+        raise PicochatError(f"--device {device_type}: multi-process training runs on cpu (gloo) or cuda (nccl)")
+    else:
+        torch_device = torch.device(device_type)
+    started = False
+    if launched and not dist.is_initialized():
+        if device_type == "cuda":
+            dist.init_process_group("nccl", device_id=torch_device)
+        else:
+            dist.init_process_group("gloo")
+        started = True
+    try:
+        yield Distributed(rank, local_rank, world_size, torch_device)
+        if started and dist.is_initialized() and world_size > 1:
+            # Every rank reaches the teardown together: a rank that destroys its group (and exits) while another
+            # still has gloo traffic in flight can make that one abort ("terminate called without an active
+            # exception"), seen on a loaded 2-core machine. Not on errors: a failed rank must not wait for others.
+            dist.barrier()
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    """True when a process group of more than one rank is running (collectives are needed)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Peak FLOP/s, for MFU
+
+
+# Dense bf16 tensor-core peaks (FLOP/s), matched on the lower-cased device name; the more specific names first.
+GPU_PEAK_FLOPS = [
+    ("gh200", 989e12), ("gb200", 2.5e15), ("b200", 2.25e15), ("h200", 989e12), ("h100 nvl", 835e12),
+    ("h100 pcie", 756e12), ("h100", 989e12), ("a100", 312e12), ("l40s", 362e12), ("l4", 121e12),
+    ("rtx 5090", 209.5e12), ("rtx 4090", 165.2e12), ("rtx 3090", 71e12), ("mi300x", 1.3074e15),
+]  # fmt: skip
+
+
+def cpu_peak_flops(threads: int | None = None) -> tuple[float, str]:
+    """Nominal fp32 peak of the CPU threads torch uses: threads x clock x FLOPs per cycle, from /proc/cpuinfo.
+
+    FLOPs per cycle assume two FMA units per core: AVX-512 2 x 16 lanes x 2 = 64, AVX2+FMA 32, AVX 16, else 8.
+    This is an optimistic ceiling (many cores have one 512-bit unit or clock down under AVX-512); bench/train.py
+    reports it next to a fp32 matmul throughput it measures on the machine, which is the honest yardstick."""
+    threads = threads or torch.get_num_threads()
+    flags, clock_hz = set(), 3e9  # (3 GHz when the clock cannot be read, e.g. not Linux)
+    with contextlib.suppress(OSError, ValueError):
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines())
+        info = {key.strip(): value.strip() for key, value in info.items()}
+        flags, clock_hz = set(info.get("flags", "").split()), float(info.get("cpu MHz", 3000)) * 1e6
+        clock_hz = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) * 1e3
+    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16 if "avx" in flags else 8
+    described = f"{threads} threads x {clock_hz / 1e9:.2f} GHz x {per_cycle} fp32 FLOPs/cycle (nominal)"
+    return threads * clock_hz * per_cycle, described
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The table's peak for a GPU name such as "NVIDIA H100 80GB HBM3"; None when not in the table."""
+    name = device_name.lower()
+    for pattern, flops in GPU_PEAK_FLOPS:
+        if pattern in name:
+            return flops
+    return None
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Nominal peak FLOP/s of one rank's device; None when unknown (MFU is then not reported)."""
+    if device.type == "cpu":
+        return cpu_peak_flops()[0]
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """High-water mark: allocated GPU memory on CUDA, the process's resident set (RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
