@@ -147,9 +147,11 @@ def save_checkpoint(
     if final_dir.exists():  # re-saving the same step (e.g. resumed and stopped again): replace it whole
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)
-    atomic_write_json(stage_dir / "state" / "latest.json", {"step": step})
-    # The top-level model.safetensors is a convenience copy for readers that only want weights.
+    # The top-level model.safetensors is the copy readers (eval, chat, export) load. It is replaced BEFORE the
+    # pointer moves: a kill between the two leaves the pointer on the previous step (the resume redoes this step
+    # and this copy), never a finished stage whose weights file is one checkpoint behind.
     _atomic_copy(final_dir / "model.safetensors", stage_dir / "model.safetensors")
+    atomic_write_json(stage_dir / "state" / "latest.json", {"step": step})
     _prune(stage_dir, keep=keep, protect=step)
     return final_dir
 

@@ -17,6 +17,7 @@ from picochat.common import PicochatError, setup_logging
 
 # (subcommand, module, one-line help). Listed in pipeline order; this is the whole table, not a registry.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
+    ("run", "picochat.stages.run", "the whole pipeline in one resumable command (--preset cpu|d12|speedrun)"),
     ("data", "picochat.stages.data", "list, check and download text shards"),
     ("tokenizer", "picochat.stages.tokenizer", "train and evaluate the byte-level BPE tokenizer"),
     ("pretrain", "picochat.stages.pretrain", "pretrain the GPT (size from --depth), with exact resume"),
@@ -25,6 +26,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("eval", "picochat.stages.evaluate", "evaluate a model: CORE, bits per byte"),
     ("chat", "picochat.stages.chat", "talk to a trained model in the terminal (or one-shot with -p)"),
     ("serve", "picochat.stages.serve", "serve the web chat UI and an OpenAI-compatible API"),
+    ("export", "picochat.stages.export", "export a trained model (Hugging Face format)"),
     ("report", "picochat.stages.report", "write the run's report card (report.md with tables and plots)"),
 ]
 

@@ -411,6 +411,7 @@ def build_report(run_dir: str | os.PathLike, *, hourly_cost_usd: float | None = 
     out += [f"Training time {_duration(total_training)}, wall time {_duration(total_wall)} over "
             f"{len(stages)} stage(s)" + (f", estimated cost ${sum(costs):.2f}." if costs else "."), ""]
 
+    out += _pipeline_section(run_dir)
     plotted = _write_plots(run_dir, stages)
     if plotted:
         out += ["## Training curves", ""]
@@ -423,6 +424,25 @@ def build_report(run_dir: str | os.PathLike, *, hourly_cost_usd: float | None = 
     report_path = run_dir / "report.md"
     atomic_write_text(report_path, "\n".join(out).rstrip() + "\n")
     return report_path
+
+
+def _pipeline_section(run_dir: Path) -> list[str]:
+    """Wall time of each stage of `picochat run` (from <run>/pipeline.json; absent for stages run by hand)."""
+    path = run_dir / "pipeline.json"
+    state = read_json(path) if path.is_file() else None
+    if not isinstance(state, dict) or not isinstance(state.get("stages"), dict) or not state["stages"]:
+        return []
+    rows, total = [], 0.0
+    for name, info in state["stages"].items():
+        if not isinstance(info, dict):
+            continue
+        seconds = _number(info.get("seconds"))
+        total += seconds or 0.0
+        rows.append([name, info.get("status", "-"), _duration(seconds)])
+    out = ["## Pipeline", "", f"`picochat run --preset {state.get('preset', '?')}`: wall time of each stage "
+           "(added up over interrupted attempts).", ""]
+    out += [markdown_table(["stage", "status", "wall time"], rows + [["total", "", _duration(total)]]), ""]
+    return out
 
 
 def _tokenizer_section(run_dir: Path) -> list[str]:

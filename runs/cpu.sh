@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The main job on a CPU machine. Sets up .venv (once), then runs the pipeline stages that exist so far:
-# train a tokenizer on the data folder and print its evaluation.
-# Data: $PICOCHAT_DATA_DIR (or pass --data-dir through PICOCHAT_ARGS). Run folder: $PICOCHAT_HOME/runs/${RUN:-cpu}.
+# The main job on a CPU machine: sets up .venv (once), then runs the whole pipeline with the `cpu` preset
+# (data check -> tokenizer -> pretrain -> base eval -> SFT -> chat eval -> report, about 20-30 minutes on 2 cores),
+# and finally asks the model its name.
+#
+#   PICOCHAT_DATA_DIR=../shared/data bash runs/cpu.sh       # data from that folder
+#   RUN=mine bash runs/cpu.sh --depth 6                     # another run name; extra flags go to `picochat run`
+#
+# Interrupted? Run the same command again: finished stages are skipped and training resumes exactly.
+# The run folder is $PICOCHAT_HOME/runs/$RUN (default ~/.cache/picochat/runs/cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/picochat ]; then
@@ -9,6 +15,5 @@ if [ ! -x .venv/bin/picochat ]; then
   .venv/bin/pip install -e .
 fi
 RUN="${RUN:-cpu}"
-.venv/bin/picochat data list
-.venv/bin/picochat tokenizer train --run "$RUN" --vocab-size 32768
-.venv/bin/picochat tokenizer eval --run "$RUN"
+.venv/bin/picochat run --preset cpu --run "$RUN" "$@"
+.venv/bin/picochat chat --run "$RUN" -p "What is your name?"

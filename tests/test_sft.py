@@ -7,47 +7,28 @@ import json
 import shutil
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import tiny_model
 from safetensors.torch import load_file
 
 from picochat.checkpoint import load_model, save_checkpoint
 from picochat.cli import main
 from picochat.common import PicochatError, atomic_write_json
-from picochat.gpt import GPT, GPTConfig
 from picochat.packing import sft_batches
 from picochat.stages.sft import count_epoch_steps, inherited_settings, source_stage_dir, split_mixture
 from picochat.tasks import Identity, build_mixture
 from picochat.tokenizer import Tokenizer
 from picochat.trainer import read_metrics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(data_dir) -> Tokenizer:
-    table = pq.read_table(data_dir / "pretrain/wikipedia_en/shard_00000.parquet", columns=["text"])
-    return Tokenizer.train([text[:2000] for text in table.column("text").to_pylist()[:20]], vocab_size=300)
-
-
-def tiny_model(vocab_size: int, sequence_len: int = 512) -> GPT:
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
-    return GPT.build(config, "cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(folder, tokenizer) -> None:
     """A run folder as pretraining leaves it: tokenizer/ and base/ with weights and a config.json that records the
     flags and the derived (batch-scaled) learning rates."""
     tokenizer.save(folder / "tokenizer")
-    model = tiny_model(tokenizer.vocab_size)
+    model = tiny_model(tokenizer.vocab_size, sequence_len=512)
     save_checkpoint(folder / "base", 1, model.state_dict(), {})
     atomic_write_json(folder / "base" / "config.json", {
         "model": model.config.to_dict(),

@@ -36,7 +36,11 @@ from picochat.common import PicochatError, atomic_write_json, log, print_table, 
 # identity and spelling -- everything the chat format has (special tokens, tool calls, letters as answers).
 DEFAULT_MID_MIX = "alpaca:1,code_alpaca:1,gpteacher_roleplay:1,glaive_toolcall:1,identity:1,gsm8k:1,arc:1,spelling:1"
 CHAT_SAMPLE_PROMPTS = ["What is your name?", "Who made you?", "What is 12 times 7?", "Write a haiku about the sea."]
-# Settings inherited from the source run unless given: flag name -> (where in the source config, description).
+# Flags with a default, applied after --resume has restored the run's own values (so a resume keeps them).
+FLAG_DEFAULTS = {"init_lr_frac": 0.8, "warmdown_ratio": 0.5, "final_lr_frac": 0.0, "eval_every": 200,
+                 "eval_tokens": 40 * 524_288, "save_every": 0}  # fmt: skip
+RESUMED = tuple(FLAG_DEFAULTS)
+# Settings inherited from the source run unless given (see inherited_settings).
 INHERITED = ("max_seq_len", "device_batch_size", "total_batch_size", "embedding_lr", "unembedding_lr", "matrix_lr",
              "scalar_lr")  # fmt: skip
 
@@ -106,21 +110,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--unembedding-lr", type=_positive_float, help="AdamW, lm_head")
     shape.add_argument("--matrix-lr", type=_positive_float, help="Muon, block matrices")
     shape.add_argument("--scalar-lr", type=_positive_float, help="AdamW, per-layer scalars")
-    shape.add_argument("--init-lr-frac", type=_positive_float, default=0.8, help="all LRs x this (0.8)")
-    shape.add_argument("--warmdown-ratio", type=_fraction, default=0.5, help="fraction of the run in warmdown (0.5)")
-    shape.add_argument("--final-lr-frac", type=_fraction, default=0.0, help="LR multiplier at the end (0.0)")
+    shape.add_argument("--init-lr-frac", type=_positive_float, help="all LRs x this (0.8)")
+    shape.add_argument("--warmdown-ratio", type=_fraction, help="fraction of the run in warmdown (0.5)")
+    shape.add_argument("--final-lr-frac", type=_fraction, help="LR multiplier at the end (0.0)")
     shape.add_argument("--num-iterations", type=_positive_int, help="optimizer steps (default: one epoch)")
 
     cadence = parser.add_argument_group("evaluation and checkpoints")
-    cadence.add_argument("--eval-every", type=_non_negative_int, default=200, help="validation every N steps (200)")
-    cadence.add_argument("--eval-tokens", type=_positive_int, default=40 * 524_288, help="validation tokens")
+    cadence.add_argument("--eval-every", type=_non_negative_int, help="validation every N steps (200)")
+    cadence.add_argument("--eval-tokens", type=_positive_int, help="validation tokens (20,971,520)")
     cadence.add_argument("--sample-every", type=_non_negative_int, default=0,
                          help="greedy chat replies to a few prompts every N steps; 0: at the end only")
     cadence.add_argument("--chat-eval-tasks", help="also run these chat evaluations (e.g. ARC-Easy,GSM8K; see "
                          "`picochat eval chat`) whenever samples are taken; results in <stage>/chat_eval/")
     cadence.add_argument("--chat-eval-max-problems", type=_positive_int, default=24,
                          help="problems per task for --chat-eval-tasks (24)")
-    cadence.add_argument("--save-every", type=_non_negative_int, default=0, help="checkpoint every N steps")
+    cadence.add_argument("--save-every", type=_non_negative_int, help="checkpoint every N steps (0: at the end)")
     cadence.add_argument("--keep-checkpoints", type=_positive_int, default=2, help="checkpoints kept on disk (2)")
 
 
@@ -208,11 +212,12 @@ def run(args: argparse.Namespace) -> int:
     from picochat.engine import Engine
     from picochat.evaluation.chat import parse_task_names, run_chat_eval
     from picochat.gpt import GPT, GPTConfig
+    from picochat.hardware import distributed_session
     from picochat.packing import sft_batches
     from picochat.stages.pretrain import _provenance, _read_json
     from picochat.tasks import DEFAULT_SFT_MIX, build_mixture
     from picochat.tokenizer import Tokenizer
-    from picochat.trainer import Trainer, TrainSettings, distributed_session
+    from picochat.trainer import Trainer, TrainSettings
 
     run_dir = resolve_run_dir(args.run, args.run_dir)
     stage_dir = run_dir / args.stage
@@ -229,10 +234,23 @@ def run(args: argparse.Namespace) -> int:
                      "source"):  # fmt: skip
             if getattr(args, name, None) in (None, 0, "picochat") and name in saved.get("flags", {}):
                 setattr(args, name, saved["flags"][name])
+        # Everything else that shapes the steps, unless given again: the schedule, the horizon, the shapes and
+        # LRs this run settled on (not the source's again: they may have been flags of the first invocation).
+        for name in RESUMED:
+            if getattr(args, name, None) is None and saved.get("flags", {}).get(name) is not None:
+                setattr(args, name, saved["flags"][name])
+        for name in INHERITED:
+            if getattr(args, name, None) is None and name in saved.get("settings", {}):
+                setattr(args, name, saved["settings"][name])
+        if args.num_iterations is None and saved.get("settings", {}).get("num_iterations"):
+            args.num_iterations = saved["settings"]["num_iterations"]
     elif latest_step(stage_dir) is not None:
         raise PicochatError(f"{stage_dir} already holds a run (checkpoint at step {latest_step(stage_dir)}); continue "
                             "it with --resume, or use another --run")  # fmt: skip
 
+    for name, value in FLAG_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
     source_dir = source_stage_dir(run_dir, args.stage, args.source)
     source_config = _read_json(source_dir / "config.json")
     model_config = source_model_config(source_config, source_dir / "config.json")
@@ -344,7 +362,7 @@ def run(args: argparse.Namespace) -> int:
                  "val_conversations": args.val_conversations, "seed": args.seed, "init_lr_frac": args.init_lr_frac,
                  "warmdown_ratio": args.warmdown_ratio, "final_lr_frac": args.final_lr_frac,
                  "num_iterations": args.num_iterations, "eval_every": args.eval_every,
-                 "eval_tokens": args.eval_tokens}  # fmt: skip
+                 "eval_tokens": args.eval_tokens, "save_every": args.save_every}  # fmt: skip
         config = {
             "stage": args.stage,
             "model": model_config,

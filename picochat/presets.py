@@ -1,0 +1,163 @@
+"""Presets for `picochat run`: every setting of the whole pipeline, as plain data.
+
+A preset is one `Preset` value (a frozen dataclass); `PRESETS` below holds the three that ship. Each field is
+also a flag of `picochat run` (`--depth 6`, `--sft-mix ...`, `--rl`), so any value can be overridden without
+editing code; the field's metadata gives the flag's help text and its parser. `picochat run --dry-run` prints
+the resolved values.
+
+    cpu       a 2-core machine without a GPU: the whole pipeline end to end in under 30 minutes. The model is tiny
+              (depth 4, vocabulary 8,192) and trained on ~1.6M tokens, so it knows little; what it shows is that
+              every stage works on your data, and SFT teaches it its name.
+    d12       one GPU (or a few): the depth-12 "research run" of the reference (~110M scaling parameters, ratio 8,
+              0.5M-token steps, ~0.9B tokens). Minutes on 8 H100s, about an hour on one.
+    speedrun  8 GPUs: the reference's GPT-2-grade run (REFERENCE.md E.1 run 6): depth 24, tokens = 8 x scaling
+              parameters, 1M-token steps of 16 rows x 2,048 tokens per GPU -> 5,568 steps, 5.84B tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field, fields
+
+
+def _parser(kind: type, minimum: float | None = None, *, optional: bool = False):
+    """A flag parser: `kind` with an optional lower bound; `optional` also accepts "auto" (= None, derived)."""
+
+    def parse(text: str):
+        if optional and text.strip().lower() in ("auto", "none"):
+            return None
+        try:
+            value = kind(text.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'number' if kind is float else 'whole number'}"
+                                             f"{' or auto' if optional else ''}, got {text!r}") from None  # fmt: skip
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a value >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty value")
+    return text
+
+
+def setting(help_text: str, parse=None) -> dict:
+    """Field metadata: the flag's help and its parser (None: a boolean --flag / --no-flag)."""
+    return field(metadata={"help": help_text, "parse": parse})
+
+
+@dataclass(frozen=True)
+class Preset:
+    # data
+    download_shards: int = setting("ClimbMix train shards to download before pretraining (0: use the data folder "
+                                   "as it is)", _parser(int, 0))  # fmt: skip
+    tokenizer_shards: int = setting("of those, the shards the tokenizer trains on (downloaded first; the rest "
+                                    "download while it trains)", _parser(int, 0))  # fmt: skip
+    # tokenizer
+    vocab_size: int = setting("tokenizer vocabulary", _parser(int, 266))
+    tokenizer_max_chars: int = setting("characters the tokenizer trains on", _parser(int, 1))
+    # pretraining
+    depth: int = setting("transformer layers (width, heads, learning rates follow)", _parser(int, 1))
+    max_seq_len: int = setting("tokens per row", _parser(int, 8))
+    device_batch_size: int = setting("rows per forward pass per rank", _parser(int, 1))
+    total_batch_size: int | None = setting("tokens per optimizer step (auto: from the depth)",
+                                           _parser(int, 1, optional=True))  # fmt: skip
+    num_iterations: int | None = setting("pretraining steps (auto: from --target-param-data-ratio)",
+                                         _parser(int, 1, optional=True))  # fmt: skip
+    target_param_data_ratio: float = setting("training tokens per scaling parameter", _parser(float, 0))
+    eval_every: int = setting("validation bits per byte every N steps (0: at the end)", _parser(int, 0))
+    eval_tokens: int = setting("validation tokens per evaluation", _parser(int, 1))
+    save_every: int = setting("checkpoint every N steps (how much an interruption can cost)", _parser(int, 0))
+    # base model evaluation
+    bpb_tokens: int = setting("tokens per split for the base model's bits per byte", _parser(int, 1))
+    core_max_per_task: int | None = setting("CORE items per task (auto: all)", _parser(int, 1, optional=True))
+    # supervised fine-tuning
+    sft_mix: str = setting("SFT mixture, source:epochs,... (see `picochat sft --help`)", _text)
+    sft_num_iterations: int | None = setting("SFT steps (auto: one pass over the mixture)",
+                                             _parser(int, 1, optional=True))  # fmt: skip
+    sft_device_batch_size: int = setting("SFT rows per forward pass per rank", _parser(int, 1))
+    identity_name: str = setting("the model's name, taught by the identity conversations", _text)
+    identity_creator: str = setting("who made the model, in the identity conversations", _text)
+    # chat evaluation
+    chat_eval_tasks: str = setting("chat evaluations after SFT (comma-separated; see `picochat eval chat`)", _text)
+    chat_eval_max_problems: int | None = setting("problems per chat task (auto: all)",
+                                                 _parser(int, 1, optional=True))  # fmt: skip
+    chat_eval_max_new_tokens: int = setting("tokens per generated answer in the chat evaluations", _parser(int, 1))
+    # reinforcement learning (GSM8K)
+    rl: bool = setting("run RL on GSM8K after SFT (then evaluate GSM8K again)")
+    rl_num_steps: int | None = setting("RL steps (auto: one epoch of GSM8K)", _parser(int, 1, optional=True))
+    rl_examples_per_step: int = setting("GSM8K problems per RL step", _parser(int, 1))
+    rl_num_samples: int = setting("samples per problem", _parser(int, 1))
+    rl_max_new_tokens: int = setting("tokens per sampled answer", _parser(int, 1))
+    # launching
+    nproc_per_node: int = setting("processes (GPUs) for training and evaluation; > 1 launches torchrun",
+                                  _parser(int, 1))  # fmt: skip
+
+    def __post_init__(self):
+        # Cross-field rules a flag parser cannot see on its own.
+        if self.tokenizer_shards > self.download_shards:
+            raise ValueError(f"--tokenizer-shards {self.tokenizer_shards} is more than --download-shards "
+                             f"{self.download_shards}")  # fmt: skip
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def setting_fields() -> list:
+    """The Preset fields, in pipeline order (the order of the flags and of the printed table)."""
+    return list(fields(Preset))
+
+
+CPU = Preset(
+    download_shards=0, tokenizer_shards=0,
+    vocab_size=8192, tokenizer_max_chars=200_000_000,
+    # ~3,100 tok/s on 2 cores: 400 steps of 4,096 tokens (1.6M tokens, ~0.14 tokens per parameter) in ~9 min.
+    depth=4, max_seq_len=512, device_batch_size=8, total_batch_size=4096, num_iterations=400,
+    target_param_data_ratio=8.0, eval_every=50, eval_tokens=32_768, save_every=50,
+    bpb_tokens=65_536, core_max_per_task=40,
+    # Identity conversations many times over (the model must learn its name), a slice of instructions and GSM8K.
+    sft_mix="identity:6,alpaca:1,gsm8k:0.02", sft_num_iterations=None, sft_device_batch_size=8,
+    identity_name="Pico", identity_creator="the picochat team",
+    chat_eval_tasks="ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,spelling", chat_eval_max_problems=16,
+    chat_eval_max_new_tokens=96,
+    rl=False, rl_num_steps=4, rl_examples_per_step=4, rl_num_samples=4, rl_max_new_tokens=96,
+    nproc_per_node=1,
+)  # fmt: skip
+
+D12 = Preset(
+    download_shards=24, tokenizer_shards=8,
+    vocab_size=32_768, tokenizer_max_chars=2_000_000_000,
+    depth=12, max_seq_len=2048, device_batch_size=32, total_batch_size=None, num_iterations=None,
+    target_param_data_ratio=8.0, eval_every=250, eval_tokens=20 * 524_288, save_every=500,
+    bpb_tokens=10 * 524_288, core_max_per_task=None,
+    sft_mix="alpaca:2,code_alpaca:1,gpteacher_roleplay:1,glaive_toolcall:1,identity:2,gsm8k:2,arc:1,spelling:1",
+    sft_num_iterations=None, sft_device_batch_size=16,
+    identity_name="Pico", identity_creator="the picochat team",
+    chat_eval_tasks="ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,spelling", chat_eval_max_problems=None,
+    chat_eval_max_new_tokens=512,
+    rl=False, rl_num_steps=None, rl_examples_per_step=16, rl_num_samples=16, rl_max_new_tokens=256,
+    nproc_per_node=1,
+)  # fmt: skip
+
+SPEEDRUN = Preset(
+    download_shards=170, tokenizer_shards=8,
+    vocab_size=32_768, tokenizer_max_chars=2_000_000_000,
+    depth=24, max_seq_len=2048, device_batch_size=16, total_batch_size=None, num_iterations=None,
+    target_param_data_ratio=8.0, eval_every=250, eval_tokens=80 * 524_288, save_every=1000,
+    bpb_tokens=40 * 524_288, core_max_per_task=None,
+    sft_mix="alpaca:2,code_alpaca:1,gpteacher_roleplay:1,glaive_toolcall:1,identity:2,gsm8k:2,arc:1,spelling:1",
+    sft_num_iterations=None, sft_device_batch_size=16,
+    identity_name="Pico", identity_creator="the picochat team",
+    chat_eval_tasks="ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,spelling", chat_eval_max_problems=None,
+    chat_eval_max_new_tokens=512,
+    rl=False, rl_num_steps=None, rl_examples_per_step=16, rl_num_samples=16, rl_max_new_tokens=256,
+    nproc_per_node=8,
+)  # fmt: skip
+
+PRESETS: dict[str, Preset] = {"cpu": CPU, "d12": D12, "speedrun": SPEEDRUN}
