@@ -168,7 +168,7 @@ def plan_stages(preset: Preset, run_dir: Path, data_dir: Path) -> list[Stage]:
     else:
         sft = ["sft", *where, *data, "--source", "base", "--mix", p.sft_mix, "--identity-name", p.identity_name,
                "--identity-creator", p.identity_creator, "--device-batch-size", str(p.sft_device_batch_size),
-               "--save-every", str(p.save_every or 1 << 30)]  # fmt: skip
+               "--save-every", str(p.save_every or 1 << 30), "--eval-every", str(p.eval_every)]  # fmt: skip
         if p.sft_num_iterations is not None:
             sft += ["--num-iterations", str(p.sft_num_iterations)]
     stages.append(Stage("sft", sft, distributed=True))

@@ -5,8 +5,8 @@ also a flag of `picochat run` (`--depth 6`, `--sft-mix ...`, `--rl`), so any val
 editing code; the field's metadata gives the flag's help text and its parser. `picochat run --dry-run` prints
 the resolved values.
 
-    cpu       a 2-core machine without a GPU: the whole pipeline end to end in under 30 minutes. The model is tiny
-              (depth 4, vocabulary 8,192) and trained on ~1.6M tokens, so it knows little; what it shows is that
+    cpu       a 2-core machine without a GPU: the whole pipeline end to end in about 20 minutes. The model is tiny
+              (depth 4, vocabulary 8,192) and trained on 1.6M tokens, so it knows little; what it shows is that
               every stage works on your data, and SFT teaches it its name.
     d12       one GPU (or a few): the depth-12 "research run" of the reference (~110M scaling parameters, ratio 8,
               0.5M-token steps, ~0.9B tokens). Minutes on 8 H100s, about an hour on one.
@@ -117,12 +117,13 @@ def setting_fields() -> list:
 CPU = Preset(
     download_shards=0, tokenizer_shards=0,
     vocab_size=8192, tokenizer_max_chars=200_000_000,
-    # ~3,100 tok/s on 2 cores: 400 steps of 4,096 tokens (1.6M tokens, ~0.14 tokens per parameter) in ~9 min.
+    # ~3,000 tok/s on 2 cores: 400 steps of 4,096 tokens (1.6M tokens, 0.31 per scaling parameter) in ~10 min.
     depth=4, max_seq_len=512, device_batch_size=8, total_batch_size=4096, num_iterations=400,
     target_param_data_ratio=8.0, eval_every=50, eval_tokens=32_768, save_every=50,
     bpb_tokens=65_536, core_max_per_task=40,
-    # Identity conversations many times over (the model must learn its name), a slice of instructions and GSM8K.
-    sft_mix="identity:6,alpaca:1,gsm8k:0.02", sft_num_iterations=None, sft_device_batch_size=8,
+    # Identity conversations many times over, a slice of instructions and GSM8K: the model must learn its name. With
+    # identity:12 a sampled (temperature 0.6) answer to "What is your name?" named it 9 times in 10; identity:6, 3.
+    sft_mix="identity:12,alpaca:0.5,gsm8k:0.02", sft_num_iterations=None, sft_device_batch_size=8,
     identity_name="Pico", identity_creator="the picochat team",
     chat_eval_tasks="ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,spelling", chat_eval_max_problems=16,
     chat_eval_max_new_tokens=96,

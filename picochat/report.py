@@ -434,7 +434,7 @@ def _pipeline_section(run_dir: Path) -> list[str]:
         return []
     rows, total = [], 0.0
     for name, info in state["stages"].items():
-        if not isinstance(info, dict):
+        if not isinstance(info, dict) or name == "report":  # the report cannot time itself while it is written
             continue
         seconds = _number(info.get("seconds"))
         total += seconds or 0.0

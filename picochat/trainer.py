@@ -305,7 +305,7 @@ class Trainer:
                 batch, metrics = self._train_step(batch, loaders)
                 self._write_metrics(metrics)
                 bar.update(1)
-                bar.set_postfix_str(self._postfix(metrics))
+                bar.set_postfix_str(self._postfix(metrics), refresh=False)  # printed at the bar's own pace
                 if self.step == first_step + 1:
                     gc.collect()
                     gc.freeze()  # everything alive now stays: later collections skip it
