@@ -6,7 +6,8 @@ Two copies of one small pipeline (the cpu preset shrunk: 60 pretraining steps, 2
   2. interrupted --kills times with SIGKILL to the whole process group (the pipeline and its stage child at once, as
      a power cut would), then re-run with the same command until it completes. The first kill lands while a
      checkpoint is being written (the moment a state/step_*.tmp-* folder exists), the others at random moments
-     (seeded) within the uninterrupted run's duration.
+     (seeded): kill k within the first 1/2^(k-1) of the uninterrupted run's duration, since each re-run has less
+     left to do. A kill that comes after the pipeline already completed is reported as "completed".
 
 Then every result is compared: final weights of base/ and sft/ (bit for bit), every evaluation's metrics, and the
 final steps. Prints a table, then one JSON line with "equal": true/false.
@@ -108,7 +109,9 @@ def main() -> None:
         if kill == 0:
             moment, planned = (lambda t: checkpoint_being_written(interrupted)), "during a checkpoint write"
         else:
-            at = rng.uniform(5.0, 0.9 * uninterrupted_seconds)
+            # Each attempt starts over from process start-up but has less left to do: aim within the first half,
+            # then the first quarter, ... of an uninterrupted run (at least 3 s in).
+            at = rng.uniform(3.0, max(4.0, uninterrupted_seconds / 2**kill))
             moment, planned = (lambda t, at=at: t >= at), f"after {at:.1f} s"
         outcome, seconds = run_until(interrupted, data_dir, moment, 7200)
         state_file = interrupted / "pipeline.json"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a CPU machine: sets up .venv (once), then runs the whole pipeline with the `cpu` preset
-# (data check -> tokenizer -> pretrain -> base eval -> SFT -> chat eval -> report, about 20-30 minutes on 2 cores),
+# (data check -> tokenizer -> pretrain -> base eval -> SFT -> chat eval -> report, about 20 minutes on 2 quiet cores),
 # and finally asks the model its name.
 #
 #   PICOCHAT_DATA_DIR=../shared/data bash runs/cpu.sh       # data from that folder

@@ -1,6 +1,6 @@
 """`picochat run`: data -> tokenizer -> pretrain -> base eval -> SFT -> chat eval -> [RL] -> report, in one command.
 
-    picochat run --preset cpu                          # a 2-core machine: everything in under 30 minutes
+    picochat run --preset cpu                          # a 2-core machine: everything in about 20 minutes
     picochat run --preset d12 --run d12                # one GPU
     picochat run --preset speedrun --run speedrun      # 8 GPUs (torchrun is started for you)
     picochat run --preset cpu --depth 6 --rl           # any setting of the preset can be overridden
