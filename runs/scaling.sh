@@ -6,7 +6,7 @@
 #
 #   bash runs/scaling.sh                                     # 8 GPUs, depths 8-16, budgets 1e18 3e18 1e19
 #   NPROC=1 DEPTHS="10 12" BUDGETS="2e17 6e17" bash runs/scaling.sh
-#   DEPTHS="2 3" BUDGETS="2e11 6e11" NPROC=1 EXTRA="--max-seq-len 256 --device-batch-size 8 --total-batch-size 2048" \
+#   DEPTHS="2 3" BUDGETS="2e12 6e12" NPROC=1 EXTRA="--max-seq-len 256 --device-batch-size 8 --total-batch-size 2048" \
 #     CORE_MAX=20 bash runs/scaling.sh                        # a toy sweep that runs on a CPU in ~10-20 minutes
 #
 # Each point is its own run folder under $SWEEP_DIR (default $PICOCHAT_HOME/runs/scaling), sharing one tokenizer;
