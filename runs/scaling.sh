@@ -7,7 +7,7 @@
 #   bash runs/scaling.sh                                     # 8 GPUs, depths 8-16, budgets 1e18 3e18 1e19
 #   NPROC=1 DEPTHS="10 12" BUDGETS="2e17 6e17" bash runs/scaling.sh
 #   DEPTHS="2 3" BUDGETS="2e12 6e12" NPROC=1 EXTRA="--max-seq-len 256 --device-batch-size 8 --total-batch-size 2048" \
-#     CORE_MAX=20 bash runs/scaling.sh                        # a toy sweep that runs on a CPU in ~10-20 minutes
+#     CORE_MAX=20 EVAL_TOKENS=65536 bash runs/scaling.sh      # a toy sweep that runs on a CPU in ~10 minutes
 #
 # Each point is its own run folder under $SWEEP_DIR (default $PICOCHAT_HOME/runs/scaling), sharing one tokenizer;
 # re-running skips finished points and resumes an interrupted one. Data: $PICOCHAT_DATA_DIR (download shards first
@@ -22,6 +22,7 @@ BUDGETS="${BUDGETS:-1e18 3e18 1e19}"
 NPROC="${NPROC:-8}"
 EXTRA="${EXTRA:-}"
 CORE_MAX="${CORE_MAX:-}"
+EVAL_TOKENS="${EVAL_TOKENS:-10485760}"   # validation tokens for each point's final bpb (20 x 524,288)
 SWEEP_DIR="${SWEEP_DIR:-${PICOCHAT_HOME:-$HOME/.cache/picochat}/runs/scaling}"
 PY="$(dirname "$(command -v "$PICOCHAT")")/python"; [ -x "$PY" ] || PY=python3
 export OMP_NUM_THREADS=1
@@ -44,7 +45,8 @@ for depth in $DEPTHS; do
       launch pretrain --run-dir "$point" --resume
     else
       # shellcheck disable=SC2086
-      launch pretrain --run-dir "$point" --depth "$depth" --target-flops "$budget" --eval-every 0 $EXTRA
+      launch pretrain --run-dir "$point" --depth "$depth" --target-flops "$budget" --eval-every 0 \
+        --eval-tokens "$EVAL_TOKENS" $EXTRA
     fi
     if ! ls "$point"/eval/core_base_*.json >/dev/null 2>&1; then
       launch eval core --run-dir "$point" --stage base ${CORE_MAX:+--max-per-task "$CORE_MAX"}
