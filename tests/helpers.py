@@ -42,11 +42,15 @@ def lively_model(vocab_size: int, sequence_len: int = 256, *, seed: int = 0, mod
     smear_lambda, which would hide cache and position bugs, so those (and the lm_head) get random values.
     sequence_len 256 or 512 gives a short window of 128 tokens, shorter than what the tests decode."""
     sizes = {"n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 64, **sizes}
-    model = tiny_model(vocab_size, sequence_len, seed=seed, model_class=model_class, **sizes)
+    return enliven(tiny_model(vocab_size, sequence_len, seed=seed, model_class=model_class, **sizes)).eval()
+
+
+def enliven(model: GPT) -> GPT:
+    """Random values for what the reference init zeroes (c_proj, smear_lambda) and a livelier lm_head."""
     with torch.no_grad():
         for block in model.blocks:
             block.attn.c_proj.weight.normal_(0, 0.1)
             block.mlp.c_proj.weight.normal_(0, 0.05)
         model.lm_head.weight.normal_(0, 0.2)
         model.smear_lambda.fill_(0.7)
-    return model.eval()
+    return model

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import enliven
 
 from picochat import common
 from picochat.common import PicochatError
@@ -23,14 +24,7 @@ def tiny_model(seed: int = 0, **overrides) -> GPT:
     """A tiny model whose every path matters: the reference init zeroes c_proj (blocks start as identity) and
     smear_lambda, which would hide bugs in attention, smear and the cache, so give them random values."""
     torch.manual_seed(seed)
-    model = GPT.build(tiny_config(**overrides), "cpu")
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.c_proj.weight.normal_(0, 0.1)
-            block.mlp.c_proj.weight.normal_(0, 0.05)
-        model.lm_head.weight.normal_(0, 0.2)
-        model.smear_lambda.fill_(0.7)
-    return model
+    return enliven(GPT.build(tiny_config(**overrides), "cpu"))
 
 
 # ---- the depth dial ------------------------------------------------------------------------------------
