@@ -23,7 +23,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("pretrain", "picochat.stages.pretrain", "pretrain the GPT (size from --depth), with exact resume"),
     ("sft", "picochat.stages.sft", "supervised fine-tuning on a task mixture (--stage mid for midtraining)"),
     ("rl", "picochat.stages.rl", "reinforcement learning on GSM8K"),
-    ("eval", "picochat.stages.evaluate", "evaluate a model: CORE, bits per byte"),
+    ("eval", "picochat.stages.evaluate", "evaluate a model: CORE, bits per byte, chat benchmarks"),
     ("chat", "picochat.stages.chat", "talk to a trained model in the terminal (or one-shot with -p)"),
     ("serve", "picochat.stages.serve", "serve the web chat UI and an OpenAI-compatible API"),
     ("export", "picochat.stages.export", "export a trained model (Hugging Face format)"),

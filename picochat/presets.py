@@ -36,7 +36,7 @@ def _parser(kind: type, minimum: float | None = None, *, optional: bool = False)
     return parse_optional
 
 
-def _text(text: str) -> str:
+def nonempty_text(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a non-empty value")
     return text
@@ -73,14 +73,14 @@ class Preset:
     bpb_tokens: int = setting("tokens per split for the base model's bits per byte", _parser(int, 1))
     core_max_per_task: int | None = setting("CORE items per task (auto: all)", _parser(int, 1, optional=True))
     # supervised fine-tuning
-    sft_mix: str = setting("SFT mixture, source:epochs,... (see `picochat sft --help`)", _text)
+    sft_mix: str = setting("SFT mixture, source:epochs,... (see `picochat sft --help`)", nonempty_text)
     sft_num_iterations: int | None = setting("SFT steps (auto: one pass over the mixture)",
                                              _parser(int, 1, optional=True))  # fmt: skip
     sft_device_batch_size: int = setting("SFT rows per forward pass per rank", _parser(int, 1))
-    identity_name: str = setting("the model's name, taught by the identity conversations", _text)
-    identity_creator: str = setting("who made the model, in the identity conversations", _text)
+    identity_name: str = setting("the model's name, taught by the identity conversations", nonempty_text)
+    identity_creator: str = setting("who made the model, in the identity conversations", nonempty_text)
     # chat evaluation
-    chat_eval_tasks: str = setting("chat evaluations after SFT (comma-separated; see `picochat eval chat`)", _text)
+    chat_eval_tasks: str = setting("chat evaluations after SFT (comma-separated; `picochat eval chat`)", nonempty_text)
     chat_eval_max_problems: int | None = setting("problems per chat task (auto: all)",
                                                  _parser(int, 1, optional=True))  # fmt: skip
     chat_eval_max_new_tokens: int = setting("tokens per generated answer in the chat evaluations", _parser(int, 1))

@@ -18,7 +18,7 @@ from picochat.common import PicochatError, log, print_table, resolve_data_dir, r
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from picochat.presets import PRESETS, setting_fields
+    from picochat.presets import PRESETS, nonempty_text, setting_fields
 
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the recipe to start from (cpu)")
     parser.add_argument("--run", help="run name: $PICOCHAT_HOME/runs/<run> (default: the preset's name)")
@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                help=item.metadata["help"])  # fmt: skip
         else:
             group.add_argument(flag, dest=item.name, type=item.metadata["parse"], default=argparse.SUPPRESS,
-                               metavar=item.name.split("_")[-1].upper(), help=item.metadata["help"])  # fmt: skip
+                               metavar="TEXT" if item.metadata["parse"] is nonempty_text else "N",
+                               help=item.metadata["help"])  # fmt: skip
 
 
 def resolve_preset(args: argparse.Namespace):
