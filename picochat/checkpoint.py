@@ -201,6 +201,24 @@ def latest_step(stage_dir: str | os.PathLike) -> int | None:
     return step
 
 
+def resume_point(stage_dir: str | os.PathLike, resume: str | int | None, *, holds: str) -> int | None:
+    """The step a training stage starts from. `resume` is --resume's value: None (a fresh start, refused when the
+    stage already has a checkpoint: `holds` names what it holds, e.g. "an RL run"), "latest", or a step, which
+    must have a complete checkpoint."""
+    stage_dir = Path(stage_dir)
+    if resume is None:
+        if latest_step(stage_dir) is not None:
+            raise PicochatError(f"{stage_dir} already holds {holds} (checkpoint at step {latest_step(stage_dir)}); "
+                                "continue it with --resume, or use another --run")  # fmt: skip
+        return None
+    step = latest_step(stage_dir) if resume == "latest" else resume
+    if step is None or step not in available_steps(stage_dir):
+        have = ", ".join(map(str, available_steps(stage_dir))) or "none"
+        raise PicochatError(f"--resume: no checkpoint {'' if step is None else f'at step {step} '}in {stage_dir} "
+                            f"(available steps: {have})")  # fmt: skip
+    return step
+
+
 def load_checkpoint(stage_dir: str | os.PathLike, step: int | None = None) -> Checkpoint:
     """Load the checkpoint at `step` (default: the latest). Tensors come back on the CPU."""
     stage_dir = Path(stage_dir)

@@ -6,6 +6,7 @@ logger named "picochat") and shows long work with `progress()` (a tqdm bar with 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -53,6 +54,43 @@ def resolve_run_dir(run: str | None = None, run_dir: str | os.PathLike | None = 
     if not name or "/" in name or name in (".", ".."):
         raise PicochatError(f"--run {name!r}: expected a plain folder name (use --run-dir for a path)")
     return picochat_home() / "runs" / name
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_name: str = "default") -> None:
+    """--run NAME / --run-dir PATH, the same on every command (resolve_run_dir reads them)."""
+    parser.add_argument("--run", help=f"run name: the folder $PICOCHAT_HOME/runs/<run> (default: {default_name})")
+    parser.add_argument("--run-dir", help="run folder path (overrides --run)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, stage_help: str = "which model of the run") -> None:
+    """--run/--run-dir plus --stage and --step: which trained model a command loads (checkpoint.find_stage_dir)."""
+    add_run_arguments(parser)
+    parser.add_argument("--stage", choices=["base", "mid", "sft", "rl"],
+                        help=f"{stage_help} (default: the newest stage that has weights)")  # fmt: skip
+    parser.add_argument("--step", type=_non_negative_int, help="checkpoint step of that stage (default: its latest "
+                        "weights)")  # fmt: skip
+
+
+def add_tool_argument(parser: argparse.ArgumentParser) -> None:
+    """--tool: what runs the model's <|python_start|> calls (tools.tool_named turns the name into the function)."""
+    parser.add_argument("--tool", choices=["calculator", "python", "none"], default="calculator",
+                        help="what runs the model's <|python_start|> calls: the calculator (default), sandboxed "
+                        "Python, nothing")  # fmt: skip
+
+
+def resume_step(text: str) -> str | int:
+    """The value of --resume [STEP]: "latest" (the flag alone) or a checkpoint step."""
+    return text if text == "latest" else _non_negative_int(text)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a value >= 0, got {text!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------

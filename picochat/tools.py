@@ -469,3 +469,8 @@ sys.modules["__main__"] = module
 sys.argv = ["main.py"]
 exec(compile(source, "main.py", "exec"), module.__dict__)
 """
+
+
+def tool_named(name: str):
+    """The tool for a --tool value: "calculator", "python" (the sandbox) or "none" (None: tool calls are not run)."""
+    return {"calculator": calculator, "python": python_tool, "none": None}[name]

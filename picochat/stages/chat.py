@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from picochat.common import PicochatError, log, resolve_run_dir
+from picochat.common import PicochatError, add_model_arguments, add_tool_argument, log, resolve_run_dir
 
 # Model text is shown as text: control characters other than newline and tab (ESC sequences could move the cursor,
 # recolour or retitle the terminal) are shown as U+FFFD. The history keeps the text as it was generated.
@@ -27,10 +27,7 @@ HELP = """commands:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", help="run name: the folder $PICOCHAT_HOME/runs/<run> (default: default)")
-    parser.add_argument("--run-dir", help="run folder path (overrides --run)")
-    parser.add_argument("--stage", help="stage to load: base, sft, rl (default: the newest one with weights)")
-    parser.add_argument("--step", type=int, help="checkpoint step of that stage (default: its latest weights)")
+    add_model_arguments(parser, "stage to load")
     parser.add_argument("-p", "--prompt", help="one-shot: print the reply to this message and exit")
     parser.add_argument("--system", help="a system message that starts the conversation")
     parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (0.6)")
@@ -41,18 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible replies")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best present)")
-    parser.add_argument(
-        "--tool",
-        choices=["calculator", "python", "none"],
-        default="calculator",
-        help="what runs the model's <|python_start|> calls: the calculator (default), sandboxed Python, nothing",
-    )
+    add_tool_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     import picochat
     from picochat.engine import Engine, check_sampling
-    from picochat.tools import calculator, python_tool
+    from picochat.tools import tool_named
 
     top_k = args.top_k or None
     check_sampling(args.temperature, top_k, args.top_p)
@@ -64,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise PicochatError(f"{run_dir}: no such run folder (train one with `picochat pretrain`)")
     _, stage_dir = picochat.locate_stage(run_dir, args.stage)
     model, tokenizer = picochat.load(stage_dir, step=args.step, device=args.device)
-    tool = {"calculator": calculator, "python": python_tool, "none": None}[args.tool]
-    engine = Engine(model, tokenizer, tool=tool)
+    engine = Engine(model, tokenizer, tool=tool_named(args.tool))
     log(f"chat: {stage_dir} ({model.config.n_layer} layers, context {engine.context_len} tokens) on {engine.device}")
     max_tokens = engine.reply_budget(args.max_tokens)
     chat = Chat(engine, args.system, args.temperature, top_k, args.top_p, max_tokens, args.seed)

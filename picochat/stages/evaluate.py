@@ -26,6 +26,7 @@ from pathlib import Path
 
 from picochat.common import (
     PicochatError,
+    add_model_arguments,
     atomic_write_json,
     atomic_write_text,
     distributed_info,
@@ -89,11 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", help="run name: the folder $PICOCHAT_HOME/runs/<run> (default: default)")
-    parser.add_argument("--run-dir", help="run folder path (overrides --run)")
-    parser.add_argument("--stage", choices=["base", "mid", "sft", "rl"],
-                        help="which model of the run (default: the newest stage that has one)")
-    parser.add_argument("--step", type=_non_negative_int, help="checkpoint step (default: the latest weights)")
+    add_model_arguments(parser)
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
 

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 
-from picochat.common import PicochatError, resolve_run_dir
+from picochat.common import PicochatError, add_model_arguments, resolve_run_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format", choices=["hf"], default="hf", help="hf: a Hugging Face transformers model folder (the default)"
     )
-    parser.add_argument("--run", help="run name: the folder $PICOCHAT_HOME/runs/<run> (default: default)")
-    parser.add_argument("--run-dir", help="run folder path (overrides --run)")
-    parser.add_argument("--stage", help="stage to export: base, sft, rl (default: the newest one with weights)")
-    parser.add_argument("--step", type=int, help="checkpoint step of that stage (default: its latest weights)")
+    add_model_arguments(parser, "stage to export")
     parser.add_argument("--out", help="output folder (default: <run>/export/hf)")
     parser.add_argument("--force", action="store_true", help="replace the output folder if it exists and is not empty")
 
@@ -29,8 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from picochat.export import export_hf
 
-    if args.step is not None and args.step < 0:
-        raise PicochatError(f"--step {args.step}: expected a checkpoint step (>= 0)")
     run_dir = resolve_run_dir(args.run, args.run_dir)
     if not run_dir.is_dir():
         raise PicochatError(f"{run_dir}: no such run folder (train one with `picochat pretrain`)")

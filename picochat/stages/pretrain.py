@@ -41,11 +41,13 @@ from typing import Any
 
 from picochat.common import (
     PicochatError,
+    add_run_arguments,
     atomic_write_json,
     log,
     print_table,
     resolve_data_dir,
     resolve_run_dir,
+    resume_step,
     warn,
 )
 
@@ -117,12 +119,6 @@ def window_pattern(text: str) -> str:
     return pattern
 
 
-def resume_step(text: str) -> str | int:
-    if text == "latest":
-        return text
-    return non_negative_int(text)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="*", default=None,
                         help="training text files or folders (.parquet .jsonl .txt ...); default: every parquet shard "
@@ -131,8 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation files (then every positional file is used for training)")
     parser.add_argument("--text-column", default=None, help="parquet column / jsonl field with the text (text)")
     where = parser.add_argument_group("run")
-    where.add_argument("--run", help="run name: $PICOCHAT_HOME/runs/<run> (default: default)")
-    where.add_argument("--run-dir", help="run folder path (overrides --run)")
+    add_run_arguments(where)
     where.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
     where.add_argument("--resume", nargs="?", const="latest", type=resume_step, metavar="STEP",
                        help="continue from the latest checkpoint (or from STEP), exactly; flags not given again are "
@@ -296,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from picochat.checkpoint import available_steps, latest_step, load_checkpoint
+    from picochat.checkpoint import load_checkpoint, resume_point
     from picochat.common import compute_dtype
     from picochat.data import TextFormat, default_pretraining_files, find_text_files, split_train_val
     from picochat.gpt import GPT, GPTConfig
@@ -307,17 +302,8 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir = resolve_run_dir(args.run, args.run_dir)
     stage_dir = run_dir / "base"
-    saved_config, resume_from = None, None
-    if args.resume is not None:
-        resume_from = latest_step(stage_dir) if args.resume == "latest" else args.resume
-        if resume_from is None or resume_from not in available_steps(stage_dir):
-            have = ", ".join(map(str, available_steps(stage_dir))) or "none"
-            raise PicochatError(f"--resume: no checkpoint {'' if resume_from is None else f'at step {resume_from} '}"
-                                f"in {stage_dir} (available steps: {have})")  # fmt: skip
-        saved_config = _read_json(stage_dir / "config.json").get("flags")
-    elif latest_step(stage_dir) is not None:
-        raise PicochatError(f"{stage_dir} already holds a pretraining run (checkpoint at step {latest_step(stage_dir)}"
-                            "); continue it with --resume, or use another --run")  # fmt: skip
+    resume_from = resume_point(stage_dir, args.resume, holds="a pretraining run")
+    saved_config = None if resume_from is None else _read_json(stage_dir / "config.json").get("flags")
     flags = resolve_flags(args, saved_config)
     if args.wandb_run:
         import importlib.util

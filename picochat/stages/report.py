@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 
-from picochat.common import PicochatError, log, resolve_run_dir
+from picochat.common import PicochatError, add_run_arguments, log, resolve_run_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", help="run name: the folder $PICOCHAT_HOME/runs/<run> (default: default)")
-    parser.add_argument("--run-dir", help="run folder path (overrides --run)")
+    add_run_arguments(parser)
     parser.add_argument("--hourly-cost", type=_price, metavar="USD",
                         help="cost of the training machine per hour, for the cost estimate "
                         "(default: a rough GPU price list; none on CPU)")

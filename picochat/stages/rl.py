@@ -23,7 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from picochat.common import PicochatError, atomic_write_json, atomic_write_text, log, resolve_run_dir
+from picochat.common import (
+    PicochatError,
+    add_run_arguments,
+    atomic_write_json,
+    atomic_write_text,
+    log,
+    resolve_run_dir,
+    resume_step,
+)
 
 RESUME_FIXED = ("examples_per_step", "num_samples", "source")
 
@@ -55,11 +63,10 @@ def _float(minimum: float, strict: bool):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", help="run name: $PICOCHAT_HOME/runs/<run> (default: default)")
-    parser.add_argument("--run-dir", help="run folder path (overrides --run)")
+    add_run_arguments(parser)
     parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
     parser.add_argument("--source", choices=("sft", "mid", "base"), default="sft", help="stage to start from (sft)")
-    parser.add_argument("--resume", nargs="?", const="latest", metavar="STEP",
+    parser.add_argument("--resume", nargs="?", const="latest", type=resume_step, metavar="STEP",
                         help="continue from the latest checkpoint (or from STEP), exactly")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     parser.add_argument("--num-epochs", type=_int(1), default=1, help="passes over GSM8K train (1)")
@@ -88,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from picochat.checkpoint import available_steps, latest_step, load_checkpoint, load_weights, save_checkpoint
+    from picochat.checkpoint import load_checkpoint, load_weights, resume_point, save_checkpoint
     from picochat.engine import Engine
     from picochat.gpt import GPT, GPTConfig
     from picochat.hardware import distributed_session
@@ -100,17 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir = resolve_run_dir(args.run, args.run_dir)
     stage_dir = run_dir / "rl"
-    resume_from = None
-    if args.resume is not None:
-        if args.resume != "latest" and not args.resume.isdigit():
-            raise PicochatError(f"--resume {args.resume!r}: expected a step number or nothing (the latest)")
-        resume_from = latest_step(stage_dir) if args.resume == "latest" else int(args.resume)
-        if resume_from is None or resume_from not in available_steps(stage_dir):
-            have = ", ".join(map(str, available_steps(stage_dir))) or "none"
-            raise PicochatError(f"--resume: no checkpoint in {stage_dir} to resume (available steps: {have})")
-    elif latest_step(stage_dir) is not None:
-        raise PicochatError(f"{stage_dir} already holds an RL run (checkpoint at step {latest_step(stage_dir)}); "
-                            "continue it with --resume, or use another --run")  # fmt: skip
+    resume_from = resume_point(stage_dir, args.resume, holds="an RL run")
     source_dir = run_dir / args.source
     if not (source_dir / "model.safetensors").is_file():
         raise PicochatError(f"{source_dir}: no trained model (model.safetensors missing); run `picochat sft` first")

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 
-from picochat.common import PicochatError, log, print_table, resolve_data_dir, resolve_run_dir
+from picochat.common import PicochatError, add_run_arguments, log, print_table, resolve_data_dir, resolve_run_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from picochat.presets import PRESETS, nonempty_text, setting_fields
 
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the recipe to start from (cpu)")
-    parser.add_argument("--run", help="run name: $PICOCHAT_HOME/runs/<run> (default: the preset's name)")
-    parser.add_argument("--run-dir", help="run folder path (overrides --run)")
+    add_run_arguments(parser, default_name="the preset's name")
     parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the settings and the plan (stages, shapes, tokens, estimated time) and stop")

@@ -15,14 +15,11 @@ import argparse
 import ipaddress
 import os
 
-from picochat.common import PicochatError, log, resolve_run_dir, warn
+from picochat.common import PicochatError, add_model_arguments, add_tool_argument, log, resolve_run_dir, warn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", help="run name: the folder $PICOCHAT_HOME/runs/<run> (default: default)")
-    parser.add_argument("--run-dir", help="run folder path (overrides --run)")
-    parser.add_argument("--stage", help="stage to load: base, sft, rl (default: the newest one with weights)")
-    parser.add_argument("--step", type=int, help="checkpoint step of that stage (default: its latest weights)")
+    add_model_arguments(parser, "stage to serve")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best present)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (8000; 0 picks a free one)")
@@ -44,12 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size (1,000,000)")
     parser.add_argument("--temperature", type=float, default=0.8, help="default when a request omits it (0.8)")
     parser.add_argument("--top-k", type=int, default=50, help="default top-k when a request omits it, 0 = off (50)")
-    parser.add_argument(
-        "--tool",
-        choices=["calculator", "python", "none"],
-        default="calculator",
-        help="what runs the model's <|python_start|> calls: the calculator (default), sandboxed Python, nothing",
-    )
+    add_tool_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.serve.app import create_app
     from picochat.serve.scheduler import Scheduler
     from picochat.stages.chat import _check_device
-    from picochat.tools import calculator, python_tool
+    from picochat.tools import tool_named
 
     check_sampling(settings.temperature, settings.top_k, None)
     _check_device(args.device)
@@ -70,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise PicochatError(f"{run_dir}: no such run folder (train one with `picochat pretrain`)")
     _, stage_dir = picochat.locate_stage(run_dir, args.stage)
     model, tokenizer = picochat.load(stage_dir, step=args.step, device=args.device)
-    tool = {"calculator": calculator, "python": python_tool, "none": None}[args.tool]
-    engine = Engine(model, tokenizer, tool=tool)
+    engine = Engine(model, tokenizer, tool=tool_named(args.tool))
     settings.model_id = f"picochat-{run_dir.name}-{stage_dir.name}"
     scheduler = Scheduler(engine, max_batch=args.max_batch, queue_size=args.queue_size)
     app = create_app(scheduler, settings)

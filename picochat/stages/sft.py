@@ -30,7 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from picochat.common import PicochatError, atomic_write_json, log, print_table, resolve_run_dir
+from picochat.common import (
+    PicochatError,
+    add_run_arguments,
+    atomic_write_json,
+    log,
+    print_table,
+    resolve_run_dir,
+    resume_step,
+)
 
 # The midtraining mixture: every built-in source once: conversations, multiple choice, math with tool calls,
 # identity and spelling -- everything the chat format has (special tokens, tool calls, letters as answers).
@@ -81,14 +89,13 @@ def _positive_float(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", help="run name: $PICOCHAT_HOME/runs/<run> (default: default)")
-    parser.add_argument("--run-dir", help="run folder path (overrides --run)")
+    add_run_arguments(parser)
     parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
     parser.add_argument("--stage", choices=("sft", "mid"), default="sft",
                         help="sft (default): <run>/mid or base -> <run>/sft; mid: midtraining, base -> <run>/mid")
     parser.add_argument("--source", choices=("base", "mid"),
                         help="stage to start from (default: mid if it exists, else base; base for --stage mid)")
-    parser.add_argument("--resume", nargs="?", const="latest", metavar="STEP",
+    parser.add_argument("--resume", nargs="?", const="latest", type=resume_step, metavar="STEP",
                         help="continue from the latest checkpoint (or from STEP), exactly")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="mixture shuffle seed (0)")
@@ -208,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see stages/pretrain.py
     import torch
 
-    from picochat.checkpoint import available_steps, latest_step, load_checkpoint, load_weights
+    from picochat.checkpoint import load_checkpoint, load_weights, resume_point
     from picochat.engine import Engine
     from picochat.evaluation.chat import parse_task_names, run_chat_eval
     from picochat.gpt import GPT, GPTConfig
@@ -221,14 +228,8 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir = resolve_run_dir(args.run, args.run_dir)
     stage_dir = run_dir / args.stage
-    resume_from = None
-    if args.resume is not None:
-        if args.resume != "latest" and not args.resume.isdigit():
-            raise PicochatError(f"--resume {args.resume!r}: expected a step number or nothing (the latest)")
-        resume_from = latest_step(stage_dir) if args.resume == "latest" else int(args.resume)
-        if resume_from is None or resume_from not in available_steps(stage_dir):
-            have = ", ".join(map(str, available_steps(stage_dir))) or "none"
-            raise PicochatError(f"--resume: no checkpoint in {stage_dir} to resume (available steps: {have})")
+    resume_from = resume_point(stage_dir, args.resume, holds="a run")
+    if resume_from is not None:
         saved = _read_json(stage_dir / "config.json")
         for name in ("mix", "identity_name", "identity_creator", "identity_file", "val_conversations", "seed",
                      "source"):  # fmt: skip
@@ -244,9 +245,6 @@ def run(args: argparse.Namespace) -> int:
                 setattr(args, name, saved["settings"][name])
         if args.num_iterations is None and saved.get("settings", {}).get("num_iterations"):
             args.num_iterations = saved["settings"]["num_iterations"]
-    elif latest_step(stage_dir) is not None:
-        raise PicochatError(f"{stage_dir} already holds a run (checkpoint at step {latest_step(stage_dir)}); continue "
-                            "it with --resume, or use another --run")  # fmt: skip
 
     for name, value in FLAG_DEFAULTS.items():
         if getattr(args, name, None) is None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from picochat.common import (
     PicochatError,
+    add_run_arguments,
     atomic_write_json,
     log,
     print_table,
@@ -97,8 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_location_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", help="run name: the folder $PICOCHAT_HOME/runs/<run> (default: default)")
-    parser.add_argument("--run-dir", help="run folder path (overrides --run)")
+    add_run_arguments(parser)
     parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
 
 
