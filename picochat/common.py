@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -67,7 +68,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, stage_help: str = "whic
     add_run_arguments(parser)
     parser.add_argument("--stage", choices=["base", "mid", "sft", "rl"],
                         help=f"{stage_help} (default: the newest stage that has weights)")  # fmt: skip
-    parser.add_argument("--step", type=_non_negative_int, help="checkpoint step of that stage (default: its latest "
+    parser.add_argument("--step", type=non_negative_int, help="checkpoint step of that stage (default: its latest "
                         "weights)")  # fmt: skip
 
 
@@ -80,17 +81,37 @@ def add_tool_argument(parser: argparse.ArgumentParser) -> None:
 
 def resume_step(text: str) -> str | int:
     """The value of --resume [STEP]: "latest" (the flag alone) or a checkpoint step."""
-    return text if text == "latest" else _non_negative_int(text)
+    return text if text == "latest" else non_negative_int(text)
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a value >= 0, got {text!r}")
-    return value
+def number_parser(kind: type, minimum: float | None = None, maximum: float | None = None, *,
+                  strict_minimum: bool = False):  # fmt: skip
+    """An argparse `type` for numbers of `kind` (int or float) within bounds: a bad value is a usage error (exit
+    status 2) that says what was expected. "_" separators are accepted (--tokens 1_000_000)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'number' if kind is float else 'whole number'}, "
+                                             f"got {text!r}") from None  # fmt: skip
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if minimum is not None and (value <= minimum if strict_minimum else value < minimum):
+            raise argparse.ArgumentTypeError(f"expected a value {'>' if strict_minimum else '>='} {minimum}, "
+                                             f"got {text!r}")  # fmt: skip
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"expected a value <= {maximum}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = number_parser(int, 1)
+non_negative_int = number_parser(int, 0)
+positive_float = number_parser(float, 0, strict_minimum=True)
+non_negative_float = number_parser(float, 0)
+fraction = number_parser(float, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,13 +20,13 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
 
+from picochat.common import number_parser
+
 
 def _parser(kind: type, minimum: float | None = None, *, optional: bool = False):
-    """A flag parser: `kind` with an optional lower bound (picochat pretrain's parser); `optional` also accepts
+    """A flag parser: `kind` with an optional lower bound (common.number_parser); `optional` also accepts
     "auto" (= None: the value is derived)."""
-    from picochat.stages.pretrain import _number
-
-    parse = _number(kind, minimum)
+    parse = number_parser(kind, minimum)
     if not optional:
         return parse
 

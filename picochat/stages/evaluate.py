@@ -32,6 +32,8 @@ from picochat.common import (
     distributed_info,
     is_main_process,
     log,
+    non_negative_int,
+    positive_int,
     print_table,
     resolve_data_dir,
     resolve_run_dir,
@@ -50,9 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_model_flags(core)
     core.add_argument("--tasks", help="comma-separated task labels (default: every task whose data exists)")
-    core.add_argument("--max-per-task", type=_positive_int,
+    core.add_argument("--max-per-task", type=positive_int,
                       help="items per task, the first after a fixed shuffle (default: all)")
-    core.add_argument("--batch-size", type=_positive_int, default=8, help="items per forward pass (default 8)")
+    core.add_argument("--batch-size", type=positive_int, default=8, help="items per forward pass (default 8)")
     core.add_argument("--core-dir", help="eval bundle folder with core.yaml (default: <data-dir>/core_eval, else "
                       "$PICOCHAT_HOME/eval_bundle, downloaded on first use)")
     core.add_argument("--bundle-url", default=None, help="where to download the eval bundle zip from")
@@ -65,10 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_flags(bpb)
     bpb.add_argument("paths", nargs="*", help="text files or folders (.parquet, .jsonl, .jsonl.gz, .txt, .txt.gz); "
                      "default: the parquet shards of the data folder, as train and val splits")
-    bpb.add_argument("--tokens", type=_positive_int, default=DEFAULT_BPB_TOKENS,
+    bpb.add_argument("--tokens", type=positive_int, default=DEFAULT_BPB_TOKENS,
                      help=f"tokens to evaluate per split (default {DEFAULT_BPB_TOKENS:,})")
-    bpb.add_argument("--batch-size", type=_positive_int, help="rows per forward pass (default 1 on CPU, 8 on GPU)")
-    bpb.add_argument("--seq-len", type=_positive_int, help="tokens per row (default: the model's sequence length)")
+    bpb.add_argument("--batch-size", type=positive_int, help="rows per forward pass (default 1 on CPU, 8 on GPU)")
+    bpb.add_argument("--seq-len", type=positive_int, help="tokens per row (default: the model's sequence length)")
     bpb.add_argument("--text-column", help="parquet column / jsonl field holding the text (default: the one the "
                      "stage trained on, else text)")
 
@@ -81,12 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_flags(chat)
     chat.add_argument("--tasks", help="comma-separated: ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,spelling "
                                       "(default: all)")
-    chat.add_argument("--max-problems", type=_positive_int, help="problems per task, the first ones (default: all)")
-    chat.add_argument("--num-samples", type=_positive_int, default=1, help="samples per generative problem (1)")
+    chat.add_argument("--max-problems", type=positive_int, help="problems per task, the first ones (default: all)")
+    chat.add_argument("--num-samples", type=positive_int, default=1, help="samples per generative problem (1)")
     chat.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (0.0)")
-    chat.add_argument("--top-k", type=_non_negative_int, default=50, help="top-k sampling, 0 = off (50)")
-    chat.add_argument("--max-new-tokens", type=_positive_int, default=512, help="tokens per reply (512)")
-    chat.add_argument("--batch-size", type=_positive_int, default=8, help="categorical prompts per forward (8)")
+    chat.add_argument("--top-k", type=non_negative_int, default=50, help="top-k sampling, 0 = off (50)")
+    chat.add_argument("--max-new-tokens", type=positive_int, default=512, help="tokens per reply (512)")
+    chat.add_argument("--batch-size", type=positive_int, default=8, help="categorical prompts per forward (8)")
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -95,21 +97,6 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
 
 
-def _positive_int(value: str) -> int:
-    number = _non_negative_int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
-    return number
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,7 +43,12 @@ from picochat.common import (
     PicochatError,
     add_run_arguments,
     atomic_write_json,
+    fraction,
     log,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
     print_table,
     resolve_data_dir,
     resolve_run_dir,
@@ -86,30 +91,6 @@ FIXED_ON_RESUME = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "window_p
 # Flags (validated by argparse: a bad value is a usage error with exit status 2)
 
 
-def _number(kind, minimum=None, maximum=None, *, strict_minimum=False):
-    def parse(text: str):
-        try:
-            value = kind(text.replace("_", ""))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {'number' if kind is float else 'whole number'}, "
-                                             f"got {text!r}") from None  # fmt: skip
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        if minimum is not None and (value <= minimum if strict_minimum else value < minimum):
-            raise argparse.ArgumentTypeError(f"expected a value {'>' if strict_minimum else '>='} {minimum}, "
-                                             f"got {text!r}")  # fmt: skip
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"expected a value <= {maximum}, got {text!r}")
-        return value
-
-    return parse
-
-
-positive_int = _number(int, 1)
-non_negative_int = _number(int, 0)
-positive_float = _number(float, 0, strict_minimum=True)
-non_negative_float = _number(float, 0)
-fraction = _number(float, 0, 1)
 
 
 def window_pattern(text: str) -> str:

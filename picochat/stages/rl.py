@@ -29,6 +29,10 @@ from picochat.common import (
     atomic_write_json,
     atomic_write_text,
     log,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
     resolve_run_dir,
     resume_step,
 )
@@ -36,30 +40,6 @@ from picochat.common import (
 RESUME_FIXED = ("examples_per_step", "num_samples", "source")
 
 
-def _int(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text.replace("_", ""))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a value >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _float(minimum: float, strict: bool):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {minimum}, got {text!r}")
-        return value
-
-    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,25 +49,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const="latest", type=resume_step, metavar="STEP",
                         help="continue from the latest checkpoint (or from STEP), exactly")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
-    parser.add_argument("--num-epochs", type=_int(1), default=1, help="passes over GSM8K train (1)")
-    parser.add_argument("--num-steps", type=_int(1), help="RL steps (default: train questions / examples per step)")
-    parser.add_argument("--examples-per-step", type=_int(1), default=16, help="questions per step, all ranks (16)")
-    parser.add_argument("--num-samples", type=_int(1), default=16, help="samples per question (16)")
-    parser.add_argument("--device-batch-size", type=_int(1), default=8, help="samples per forward pass (8)")
-    parser.add_argument("--max-new-tokens", type=_int(1), default=256, help="tokens per sample (256)")
-    parser.add_argument("--temperature", type=_float(0, False), default=1.0, help="sampling temperature (1.0)")
-    parser.add_argument("--top-k", type=_int(0), default=50, help="top-k sampling, 0 = off (50)")
-    parser.add_argument("--embedding-lr", type=_float(0, True), default=0.2, help="AdamW, embeddings (0.2)")
-    parser.add_argument("--unembedding-lr", type=_float(0, True), default=0.004, help="AdamW, lm_head (0.004)")
-    parser.add_argument("--matrix-lr", type=_float(0, True), default=0.02, help="Muon, block matrices (0.02)")
-    parser.add_argument("--scalar-lr", type=_float(0, True), default=0.5, help="AdamW, per-layer scalars (0.5)")
-    parser.add_argument("--weight-decay", type=_float(0, False), default=0.0, help="Muon weight decay (0.0)")
-    parser.add_argument("--init-lr-frac", type=_float(0, True), default=0.05, help="all LRs x this (0.05)")
-    parser.add_argument("--eval-every", type=_int(0), default=60, help="pass@k every N steps; 0: at the end (60)")
-    parser.add_argument("--eval-examples", type=_int(1), default=400, help="test questions for pass@k (400)")
-    parser.add_argument("--eval-samples", type=_int(1), default=8, help="samples per test question: k = 1..N (8)")
-    parser.add_argument("--save-every", type=_int(0), default=60, help="checkpoint every N steps; 0: at the end (60)")
-    parser.add_argument("--keep-checkpoints", type=_int(1), default=2, help="checkpoints kept on disk (2)")
+    parser.add_argument("--num-epochs", type=positive_int, default=1, help="passes over GSM8K train (1)")
+    parser.add_argument("--num-steps", type=positive_int,
+                        help="RL steps (default: train questions / examples per step)")
+    parser.add_argument("--examples-per-step", type=positive_int, default=16, help="questions per step, all ranks (16)")
+    parser.add_argument("--num-samples", type=positive_int, default=16, help="samples per question (16)")
+    parser.add_argument("--device-batch-size", type=positive_int, default=8, help="samples per forward pass (8)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens per sample (256)")
+    parser.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature (1.0)")
+    parser.add_argument("--top-k", type=non_negative_int, default=50, help="top-k sampling, 0 = off (50)")
+    parser.add_argument("--embedding-lr", type=positive_float, default=0.2, help="AdamW, embeddings (0.2)")
+    parser.add_argument("--unembedding-lr", type=positive_float, default=0.004, help="AdamW, lm_head (0.004)")
+    parser.add_argument("--matrix-lr", type=positive_float, default=0.02, help="Muon, block matrices (0.02)")
+    parser.add_argument("--scalar-lr", type=positive_float, default=0.5, help="AdamW, per-layer scalars (0.5)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="Muon weight decay (0.0)")
+    parser.add_argument("--init-lr-frac", type=positive_float, default=0.05, help="all LRs x this (0.05)")
+    parser.add_argument("--eval-every", type=non_negative_int, default=60,
+                        help="pass@k every N steps; 0: at the end (60)")
+    parser.add_argument("--eval-examples", type=positive_int, default=400, help="test questions for pass@k (400)")
+    parser.add_argument("--eval-samples", type=positive_int, default=8, help="samples per test question: k = 1..N (8)")
+    parser.add_argument("--save-every", type=non_negative_int, default=60,
+                        help="checkpoint every N steps; 0: at the end (60)")
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=2, help="checkpoints kept on disk (2)")
 
 
 def run(args: argparse.Namespace) -> int:

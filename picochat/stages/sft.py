@@ -34,7 +34,11 @@ from picochat.common import (
     PicochatError,
     add_run_arguments,
     atomic_write_json,
+    fraction,
     log,
+    non_negative_int,
+    positive_float,
+    positive_int,
     print_table,
     resolve_run_dir,
     resume_step,
@@ -53,39 +57,6 @@ INHERITED = ("max_seq_len", "device_batch_size", "total_batch_size", "embedding_
              "scalar_lr")  # fmt: skip
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a value >= 1, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _positive_int(text) if text.strip() not in ("0",) else 0
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a value between 0 and 1, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const="latest", type=resume_step, metavar="STEP",
                         help="continue from the latest checkpoint (or from STEP), exactly")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="mixture shuffle seed (0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="mixture shuffle seed (0)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--mix", help="source:epochs,... e.g. alpaca:1,gsm8k:4,identity:2,my.jsonl:3 "
@@ -106,33 +77,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--identity-name", default="picochat", help="the model's name in the identity data")
     data.add_argument("--identity-creator", help="who made the model, in the identity data")
     data.add_argument("--identity-file", help="your own identity conversations (.jsonl) instead of the templates")
-    data.add_argument("--val-conversations", type=_non_negative_int,
+    data.add_argument("--val-conversations", type=non_negative_int,
                       help="conversations held out of the mixture for validation (default: 5%%, at most 500)")
 
     shape = parser.add_argument_group("shapes and learning rates (default: inherited from the source run)")
-    shape.add_argument("--max-seq-len", type=_positive_int, help="tokens per row")
-    shape.add_argument("--device-batch-size", type=_positive_int, help="rows per forward pass per rank")
-    shape.add_argument("--total-batch-size", type=_positive_int, help="tokens per step, all ranks")
-    shape.add_argument("--embedding-lr", type=_positive_float, help="AdamW, embeddings")
-    shape.add_argument("--unembedding-lr", type=_positive_float, help="AdamW, lm_head")
-    shape.add_argument("--matrix-lr", type=_positive_float, help="Muon, block matrices")
-    shape.add_argument("--scalar-lr", type=_positive_float, help="AdamW, per-layer scalars")
-    shape.add_argument("--init-lr-frac", type=_positive_float, help="all LRs x this (0.8)")
-    shape.add_argument("--warmdown-ratio", type=_fraction, help="fraction of the run in warmdown (0.5)")
-    shape.add_argument("--final-lr-frac", type=_fraction, help="LR multiplier at the end (0.0)")
-    shape.add_argument("--num-iterations", type=_positive_int, help="optimizer steps (default: one epoch)")
+    shape.add_argument("--max-seq-len", type=positive_int, help="tokens per row")
+    shape.add_argument("--device-batch-size", type=positive_int, help="rows per forward pass per rank")
+    shape.add_argument("--total-batch-size", type=positive_int, help="tokens per step, all ranks")
+    shape.add_argument("--embedding-lr", type=positive_float, help="AdamW, embeddings")
+    shape.add_argument("--unembedding-lr", type=positive_float, help="AdamW, lm_head")
+    shape.add_argument("--matrix-lr", type=positive_float, help="Muon, block matrices")
+    shape.add_argument("--scalar-lr", type=positive_float, help="AdamW, per-layer scalars")
+    shape.add_argument("--init-lr-frac", type=positive_float, help="all LRs x this (0.8)")
+    shape.add_argument("--warmdown-ratio", type=fraction, help="fraction of the run in warmdown (0.5)")
+    shape.add_argument("--final-lr-frac", type=fraction, help="LR multiplier at the end (0.0)")
+    shape.add_argument("--num-iterations", type=positive_int, help="optimizer steps (default: one epoch)")
 
     cadence = parser.add_argument_group("evaluation and checkpoints")
-    cadence.add_argument("--eval-every", type=_non_negative_int, help="validation every N steps (200)")
-    cadence.add_argument("--eval-tokens", type=_positive_int, help="validation tokens (20,971,520)")
-    cadence.add_argument("--sample-every", type=_non_negative_int, default=0,
+    cadence.add_argument("--eval-every", type=non_negative_int, help="validation every N steps (200)")
+    cadence.add_argument("--eval-tokens", type=positive_int, help="validation tokens (20,971,520)")
+    cadence.add_argument("--sample-every", type=non_negative_int, default=0,
                          help="greedy chat replies to a few prompts every N steps; 0: at the end only")
     cadence.add_argument("--chat-eval-tasks", help="also run these chat evaluations (e.g. ARC-Easy,GSM8K; see "
                          "`picochat eval chat`) whenever samples are taken; results in <stage>/chat_eval/")
-    cadence.add_argument("--chat-eval-max-problems", type=_positive_int, default=24,
+    cadence.add_argument("--chat-eval-max-problems", type=positive_int, default=24,
                          help="problems per task for --chat-eval-tasks (24)")
-    cadence.add_argument("--save-every", type=_non_negative_int, help="checkpoint every N steps (0: at the end)")
-    cadence.add_argument("--keep-checkpoints", type=_positive_int, default=2, help="checkpoints kept on disk (2)")
+    cadence.add_argument("--save-every", type=non_negative_int, help="checkpoint every N steps (0: at the end)")
+    cadence.add_argument("--keep-checkpoints", type=positive_int, default=2, help="checkpoints kept on disk (2)")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from picochat.common import (
     add_run_arguments,
     atomic_write_json,
     log,
+    positive_int,
     print_table,
     progress,
     resolve_data_dir,
@@ -65,13 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     train.add_argument(
         "--max-chars",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_CHARS,
         help=f"total characters fed to the trainer (default {DEFAULT_MAX_CHARS:,})",
     )
     train.add_argument(
         "--doc-cap",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_DOC_CAP,
         help=f"characters per document; longer documents are cropped (default {DEFAULT_DOC_CAP:,})",
     )
@@ -91,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_location_flags(evaluate)
     evaluate.add_argument(
         "--max-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_EVAL_BYTES,
         help=f"UTF-8 bytes of text per source (default {DEFAULT_EVAL_BYTES:,})",
     )
@@ -102,14 +103,6 @@ def _add_location_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
 
 
 def _vocab_size(value: str) -> int:
