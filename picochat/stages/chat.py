@@ -41,23 +41,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_tool_argument(parser)
 
 
-def run(args: argparse.Namespace) -> int:
+def load_engine(args: argparse.Namespace):
+    """The model --run/--run-dir/--stage/--step name, on --device, in an Engine that runs --tool.
+    Returns (engine, run_dir, stage_dir); `picochat serve` loads its model the same way."""
     import picochat
-    from picochat.engine import Engine, check_sampling
+    from picochat.engine import Engine
     from picochat.tools import tool_named
 
-    top_k = args.top_k or None
-    check_sampling(args.temperature, top_k, args.top_p)
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise PicochatError(f"--max-tokens {args.max_tokens}: expected a positive integer")
     _check_device(args.device)
     run_dir = resolve_run_dir(args.run, args.run_dir)
     if not run_dir.is_dir():
         raise PicochatError(f"{run_dir}: no such run folder (train one with `picochat pretrain`)")
     _, stage_dir = picochat.locate_stage(run_dir, args.stage)
     model, tokenizer = picochat.load(stage_dir, step=args.step, device=args.device)
-    engine = Engine(model, tokenizer, tool=tool_named(args.tool))
-    log(f"chat: {stage_dir} ({model.config.n_layer} layers, context {engine.context_len} tokens) on {engine.device}")
+    return Engine(model, tokenizer, tool=tool_named(args.tool)), run_dir, stage_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    from picochat.engine import check_sampling
+
+    top_k = args.top_k or None
+    check_sampling(args.temperature, top_k, args.top_p)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise PicochatError(f"--max-tokens {args.max_tokens}: expected a positive integer")
+    engine, _, stage_dir = load_engine(args)
+    layers = engine.model.config.n_layer
+    log(f"chat: {stage_dir} ({layers} layers, context {engine.context_len} tokens) on {engine.device}")
     max_tokens = engine.reply_budget(args.max_tokens)
     chat = Chat(engine, args.system, args.temperature, top_k, args.top_p, max_tokens, args.seed)
     if args.prompt is not None:

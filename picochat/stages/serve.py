@@ -15,7 +15,7 @@ import argparse
 import ipaddress
 import os
 
-from picochat.common import PicochatError, add_model_arguments, add_tool_argument, log, resolve_run_dir, warn
+from picochat.common import PicochatError, add_model_arguments, add_tool_argument, log, warn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,26 +48,19 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     import uvicorn
 
-    import picochat
-    from picochat.engine import Engine, check_sampling
+    from picochat.engine import check_sampling
     from picochat.serve.app import create_app
     from picochat.serve.scheduler import Scheduler
-    from picochat.stages.chat import _check_device
-    from picochat.tools import tool_named
+    from picochat.stages.chat import load_engine
 
     check_sampling(settings.temperature, settings.top_k, None)
-    _check_device(args.device)
-    run_dir = resolve_run_dir(args.run, args.run_dir)
-    if not run_dir.is_dir():
-        raise PicochatError(f"{run_dir}: no such run folder (train one with `picochat pretrain`)")
-    _, stage_dir = picochat.locate_stage(run_dir, args.stage)
-    model, tokenizer = picochat.load(stage_dir, step=args.step, device=args.device)
-    engine = Engine(model, tokenizer, tool=tool_named(args.tool))
+    engine, run_dir, stage_dir = load_engine(args)
     settings.model_id = f"picochat-{run_dir.name}-{stage_dir.name}"
     scheduler = Scheduler(engine, max_batch=args.max_batch, queue_size=args.queue_size)
     app = create_app(scheduler, settings)
+    layers = engine.model.config.n_layer
     log(
-        f"serve: {stage_dir} ({model.config.n_layer} layers, context {engine.context_len} tokens) on {engine.device}; "
+        f"serve: {stage_dir} ({layers} layers, context {engine.context_len} tokens) on {engine.device}; "
         f"batch {args.max_batch} rows, queue {args.queue_size}; http://{_url_host(args.host)}:{args.port}/"
     )
     # On Ctrl-C, streams still open get 5 s to finish, then they are cut (their generations stop with them).
