@@ -97,8 +97,10 @@ def final_step(stage_dir: Path) -> int | None:
 
 def eval_file(run_dir: Path, kind: str, stage: str) -> Path | None:
     """eval/<kind>_<stage>_step<NNNNNN>.json for the stage's final step (None while the stage has no checkpoint)."""
+    from picochat.stages.evaluate import result_name
+
     step = final_step(run_dir / stage)
-    return None if step is None else run_dir / "eval" / f"{kind}_{stage}_step{step:06d}.json"
+    return None if step is None else run_dir / "eval" / f"{result_name(kind, stage, step)}.json"
 
 
 def tokenizer_complete(run_dir: Path, preset: Preset) -> bool:

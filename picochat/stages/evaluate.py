@@ -156,7 +156,8 @@ def _load(args: argparse.Namespace, device):
     return run_dir, stage_dir.name, step, model, tokenizer
 
 
-def _result_name(kind: str, stage: str, step: int | None) -> str:
+def result_name(kind: str, stage: str, step: int | None) -> str:
+    """eval/<this>.json: e.g. core_base_step000400 (`picochat run` looks for these to skip a finished evaluation)."""
     return f"{kind}_{stage}_" + (f"step{step:06d}" if step is not None else "latest")
 
 
@@ -194,7 +195,7 @@ def evaluate_core(args: argparse.Namespace, device, rank: int, world_size: int) 
     document = {"kind": "core", "stage": stage, "step": step, "metrics": {"CORE": result.core},
                 "core_dir": str(core_dir), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "world_size": world_size, "device": str(device), **result.to_dict()}
-    name = _result_name("core", stage, step)
+    name = result_name("core", stage, step)
     atomic_write_json(run_dir / "eval" / f"{name}.json", document)
     atomic_write_text(run_dir / "eval" / f"{name}.csv", core_csv(result))
     log(f"wrote {run_dir / 'eval' / name}.json and .csv")
@@ -277,7 +278,7 @@ def evaluate_bpb(args: argparse.Namespace, device, rank: int, world_size: int) -
     # The run's own validation text gives the headline "bpb" (the report card's row); named files only "text_bpb",
     # in a file of their own named after the first of them.
     metrics = {f"{split}_bpb": r["bpb"] for split, r in results.items()}
-    name = _result_name("bpb", stage, step)
+    name = result_name("bpb", stage, step)
     if args.paths:
         name += "_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.paths[0]).name.split(".")[0] or "text")
     elif "val" in results:
@@ -318,6 +319,6 @@ def evaluate_chat(args: argparse.Namespace, device, rank: int, world_size: int) 
     metrics["ChatCORE"] = core
     document = {"kind": "chat", "stage": stage, "step": step, "metrics": metrics, **result,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
-    atomic_write_json(run_dir / "eval" / f"{_result_name('chat', stage, step)}.json", document)
+    atomic_write_json(run_dir / "eval" / f"{result_name('chat', stage, step)}.json", document)
     print(json.dumps({"metric": "ChatCORE", "chatcore": core, **{k: v for k, v in metrics.items() if k != "ChatCORE"}}))
     return 0
