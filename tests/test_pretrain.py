@@ -261,7 +261,9 @@ def test_metrics_and_config_files(tmp_path, tokenizer_dir, data_dir):
                                        "n_kv_head": 2, "n_embd": 64, "window_pattern": "SSSL"}  # fmt: skip
     assert derived["training_tokens"] == 4 * 256 and derived["flops_per_token"] > 0
     assert flags["depth"] == 2 and flags["warmdown_ratio"] == DEFAULTS["warmdown_ratio"]
-    assert config["data"]["val_files"] == [str(data_dir / "pretrain" / "wikipedia_en" / "val_00000.parquet")]
+    # Saved resolved (a run must not depend on a symlink or the working folder staying as it was).
+    val_file = data_dir / "pretrain" / "wikipedia_en" / "val_00000.parquet"
+    assert config["data"]["val_files"] == [str(val_file.resolve())]
     tokenizer_hash = hashlib.sha256((run / "tokenizer" / "tokenizer.json").read_bytes()).hexdigest()
     assert config["tokenizer"]["sha256"] == tokenizer_hash
     assert "git_commit" in config["provenance"] and config["provenance"]["world_size"] == 1
