@@ -150,9 +150,10 @@ def test_logits_match_past_the_sliding_window(run, hf, data_dir, tokenizer):
         torch.testing.assert_close(hf_model(long_row).logits, model(long_row), atol=1e-4, rtol=0)
 
 
-def test_cached_forward_in_pieces_equals_one_forward(run, hf, data_dir, tokenizer):
+@pytest.mark.parametrize("cache_argument", ["cache", "past_key_values"])
+def test_cached_forward_in_pieces_equals_one_forward(run, hf, data_dir, tokenizer, cache_argument):
     """The cache path used outside generate: a prefill, then chunks and single tokens (the smear state comes from
-    the cache), past the short window."""
+    the cache), past the short window. The cache is accepted under transformers' new name and its older one."""
     from transformers import DynamicCache
 
     _, model = run
@@ -161,11 +162,45 @@ def test_cached_forward_in_pieces_equals_one_forward(run, hf, data_dir, tokenize
     with torch.no_grad():
         full = model(ids)
         cache = DynamicCache(config=hf_model.config)
-        pieces = [hf_model(ids[:, :100], past_key_values=cache, use_cache=True).logits]
-        pieces.append(hf_model(ids[:, 100:150], past_key_values=cache, use_cache=True).logits)
+        pieces = [hf_model(ids[:, :100], use_cache=True, **{cache_argument: cache}).logits]
+        assert cache.get_seq_length() == 100
+        pieces.append(hf_model(ids[:, 100:150], use_cache=True, **{cache_argument: cache}).logits)
         for position in range(150, 160):
-            pieces.append(hf_model(ids[:, position : position + 1], past_key_values=cache, use_cache=True).logits)
+            pieces.append(hf_model(ids[:, position : position + 1], use_cache=True, **{cache_argument: cache}).logits)
+    assert cache.get_seq_length() == 160
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_a_cache_under_an_unknown_name_is_refused(hf):
+    """If a future transformers hands the cache over under yet another name, the forward must fail loudly rather
+    than decode every step from an empty cache."""
+    from transformers import DynamicCache
+
+    _, hf_model, _ = hf
+    with pytest.raises(ValueError, match="'cache_params'.*does not read"), torch.no_grad():
+        hf_model(torch.tensor([[1, 2, 3]]), use_cache=True, cache_params=DynamicCache(config=hf_model.config))
+
+
+class CacheLengths:
+    """Records, for every forward of the exported base model, how many tokens the cache it was handed already
+    held (None: no cache) -- whichever name transformers passes it under."""
+
+    def __init__(self, hf_model):
+        from transformers import Cache
+
+        self.seen: list[int | None] = []
+
+        def record(module, args, kwargs):
+            caches = [value for value in kwargs.values() if isinstance(value, Cache)]
+            self.seen.append(caches[0].get_seq_length() if caches else None)
+
+        self.handle = hf_model.model.register_forward_pre_hook(record, with_kwargs=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 def greedy_until_stop(engine: Engine, prompt: list[int], max_tokens: int) -> list[int]:
@@ -186,11 +221,24 @@ def test_greedy_generate_equals_the_engine(run, hf, data_dir, tokenizer, use_cac
     text_prompt = tokenizer.encode(wiki_texts(data_dir, 6)[5], prepend="<|bos|>")[:120]
     for prompt in (chat_prompt, text_prompt):
         expected = greedy_until_stop(engine, prompt, 20)
-        output = hf_model.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False,
-            max_new_tokens=20, use_cache=use_cache,
-        )  # fmt: skip
+        with CacheLengths(hf_model) as cache_lengths:
+            output = hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=20,
+                use_cache=use_cache,
+            )
         assert output[0, len(prompt) :].tolist() == expected
+        # Loud, not silent, if transformers stops handing the cache to the model: each decode step after the
+        # prefill must read a cache holding every token before it.
+        steps = len(cache_lengths.seen)
+        assert steps == len(expected)
+        if use_cache:  # the prefill gets an empty cache, or none and makes its own (transformers < 5.24)
+            assert cache_lengths.seen[0] in (0, None)
+            assert cache_lengths.seen[1:] == list(range(len(prompt), len(prompt) + steps - 1))
+        else:
+            assert cache_lengths.seen == [None] * steps
 
 
 def test_batched_greedy_generate_equals_the_engine_row_by_row(run, hf, data_dir, tokenizer):
@@ -198,7 +246,10 @@ def test_batched_greedy_generate_equals_the_engine_row_by_row(run, hf, data_dir,
     _, hf_model, _ = hf
     engine = Engine(model, tokenizer)
     prompts = [tokenizer.encode(text, prepend="<|bos|>")[:90] for text in wiki_texts(data_dir, 9)[7:9]]
-    output = hf_model.generate(torch.tensor(prompts), do_sample=False, max_new_tokens=20)
+    with CacheLengths(hf_model) as cache_lengths:
+        output = hf_model.generate(torch.tensor(prompts), do_sample=False, max_new_tokens=20)
+    assert cache_lengths.seen[0] in (0, None)
+    assert cache_lengths.seen[1:] == list(range(90, 90 + len(cache_lengths.seen) - 1))
     for row, prompt in enumerate(prompts):
         expected = greedy_until_stop(engine, prompt, 20)
         assert output[row, 90 : 90 + len(expected)].tolist() == expected

@@ -22,6 +22,11 @@ the previous token's embedding when a forward continues a cache: `generate` pass
 (prepare_inputs_for_generation below), and a plain forward falls back to the last token id recorded on the cache.
 Padding is not supported (every row must be real tokens, attention_mask all ones): positions, the smear and the
 windows all assume contiguous sequences.
+
+transformers renamed the cache argument: up to 5.23 `generate` passes it as `past_key_values`, from 5.24 as `cache`
+(the old name is announced for removal in 5.40). The forwards accept both names, and build their outputs with
+whichever field the installed output classes declare. A cache handed over under any other name is refused loudly:
+silently starting every decode step from an empty cache gives fluent-looking wrong text.
 """
 
 from __future__ import annotations
@@ -37,6 +42,30 @@ from .configuration_picochat import PicochatConfig
 
 # The attribute a forward leaves on a cache: the last token id of every row (for the smear of the next forward).
 _LAST_TOKEN_ATTRIBUTE = "picochat_last_token_ids"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None, unknown: dict) -> Cache | None:
+    """The cache a forward was given, under the new name (`cache`) or the old one (`past_key_values`). A Cache
+    among the other keyword arguments means transformers passes it under a name this file does not know yet."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("got two different caches: pass the cache once, as `cache` (or the older `past_key_values`)")
+    stray = [name for name, value in unknown.items() if isinstance(value, Cache)]
+    if stray:
+        raise ValueError(
+            f"a KV cache arrived as {stray[0]!r}, a name this exported code does not read; it reads `cache` and "
+            "`past_key_values`. Re-export with a newer picochat, or pin the transformers release it was tested with"
+        )
+    return cache if cache is not None else past_key_values
+
+
+def _cache_field(output_class: type) -> str:
+    """The name of an output class's cache field: `cache` from transformers 5.24, `past_key_values` before."""
+    return "cache" if "cache" in output_class.__dataclass_fields__ else "past_key_values"
+
+
+def _output(output_class: type, cache: Cache | None, **fields):
+    """An output of `output_class` with the cache stored under the field that class declares."""
+    return output_class(**fields, **{_cache_field(output_class): cache})
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
@@ -178,13 +207,16 @@ class PicochatModel(PicochatPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         previous_token_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """previous_token_ids: (B, 1), the token just before input_ids, when past_key_values already holds tokens
-        (for the smear). Without it the id recorded on the cache by the previous forward is used."""
+        """cache (or its older name past_key_values): the KV cache to read and extend. previous_token_ids: (B, 1),
+        the token just before input_ids, when the cache already holds tokens (for the smear). Without it the id
+        recorded on the cache by the previous forward is used."""
+        cache = _one_cache(cache, past_key_values, kwargs)
         if input_ids is None:
             raise ValueError(
                 "PicochatModel needs input_ids (input embeddings are not supported: the value "
@@ -198,9 +230,9 @@ class PicochatModel(PicochatPreTrainedModel):
                 "(generate rows of equal length, or one row at a time)"
             )
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        cache = past_key_values if use_cache else None
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        cache = cache if use_cache else None
         past = cache.get_seq_length() if cache is not None else 0
         B, T = input_ids.shape
         dtype = self.wte.weight.dtype
@@ -232,7 +264,7 @@ class PicochatModel(PicochatPreTrainedModel):
             if i == self.config.backout_layer:
                 x_mid = x
         x = _norm(x - self.backout_lambda * x_mid)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
+        return _output(BaseModelOutputWithPast, cache, last_hidden_state=x)
 
 
 class PicochatForCausalLM(PicochatPreTrainedModel, GenerationMixin):
@@ -258,11 +290,12 @@ class PicochatForCausalLM(PicochatPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         previous_token_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (fp32, soft-capped) for input_ids; labels (B, T) give the mean next-token cross-entropy
@@ -270,9 +303,13 @@ class PicochatForCausalLM(PicochatPreTrainedModel, GenerationMixin):
         kwargs.pop("position_ids", None)  # positions follow from the cache length (no padding, see the top)
         kwargs.pop("return_dict", None)
         outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-            use_cache=use_cache, previous_token_ids=previous_token_ids, **kwargs,
-        )  # fmt: skip
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=_one_cache(cache, past_key_values, kwargs),
+            use_cache=use_cache,
+            previous_token_ids=previous_token_ids,
+            **kwargs,
+        )
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -282,13 +319,16 @@ class PicochatForCausalLM(PicochatPreTrainedModel, GenerationMixin):
         if labels is not None:
             targets = labels[:, 1:].to(logits.device)
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        cache = getattr(outputs, _cache_field(type(outputs)))
+        return _output(CausalLMOutputWithPast, cache, loss=loss, logits=logits)
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
         # `generate` feeds only the tokens the cache has not seen; the smear also needs the one before them, which
-        # the full input_ids still hold (this stays right under beam search, which reorders input_ids).
-        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
-        past = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
-        if past > 0 and model_inputs.get("past_key_values") is not None:
+        # the full input_ids still hold (this stays right under beam search, which reorders input_ids). The cache
+        # travels under whichever name this transformers release uses (see the top of this file).
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        cache = model_inputs.get("cache", model_inputs.get("past_key_values"))
+        past = cache.get_seq_length() if isinstance(cache, Cache) else 0
+        if past > 0:
             model_inputs["previous_token_ids"] = input_ids[:, past - 1 : past]
         return model_inputs
