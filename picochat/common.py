@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import os
+import shlex
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -26,6 +28,19 @@ class PicochatError(Exception):
     The CLI prints the message as one line, `picochat: error: <message>`, and exits with status 2 — no traceback.
     Messages should say which file / field / flag is wrong and what was expected.
     """
+
+
+def typable_command(program: str = "picochat", module: str = "picochat") -> str:
+    """How the user types one of this environment's console scripts (`picochat`, `torchrun`) in the shell that
+    started us: the bare name when that name on $PATH is this environment's own script; otherwise its full path
+    (a virtual environment that was never activated, as runs/cpu.sh makes); `python -m module` as a last resort."""
+    installed = Path(sys.executable).parent / program  # not resolved: a venv's python is a symlink out of the venv
+    on_path = shutil.which(program)
+    if on_path and installed.exists() and Path(on_path).resolve() == installed.resolve():
+        return program
+    if installed.exists():
+        return shlex.quote(str(installed.absolute()))
+    return f"{shlex.quote(sys.executable)} -m {module}"
 
 
 # ----------------------------------------------------------------------------------------------------------

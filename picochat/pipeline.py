@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from picochat.common import PicochatError, atomic_write_json, log, warn
+from picochat.common import PicochatError, atomic_write_json, log, typable_command, warn
 from picochat.presets import Preset
 
 PIPELINE_FILE = "pipeline.json"
@@ -211,11 +211,12 @@ def command_line(stage: Stage, nproc_per_node: int) -> list[str]:
 
 
 def printable(argv: list[str]) -> str:
-    """How a user would type it: `picochat ...` / `torchrun ...` instead of the interpreter path."""
+    """How the user would type it in their shell: `picochat ...` / `torchrun ...` instead of the interpreter path,
+    with the environment's full path to them when that environment is not the one on $PATH."""
     if argv[1:3] == ["-m", "torch.distributed.run"]:
-        argv = ["torchrun", *argv[3:]]
-    elif argv[1:3] == ["-m", "picochat"]:
-        argv = ["picochat", *argv[3:]]
+        return f"{typable_command('torchrun', 'torch.distributed.run')} {shlex.join(argv[3:])}"
+    if argv[1:3] == ["-m", "picochat"]:
+        return f"{typable_command()} {shlex.join(argv[3:])}"
     return shlex.join(argv)
 
 

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/picochat ]; then
   python3 -m venv .venv
-  .venv/bin/pip install -e .
+  .venv/bin/pip install -e . -c constraints.txt   # the dependency versions the tests passed with
 fi
 RUN="${RUN:-cpu}"
 .venv/bin/picochat run --preset cpu --run "$RUN" "$@"

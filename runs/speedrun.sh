@@ -24,7 +24,7 @@ if [ ! -x .venv/bin/picochat ]; then
   python3 -m venv .venv
   # A CUDA build of the pinned torch first (see README "Installing on a GPU machine"), then picochat.
   .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130
-  .venv/bin/pip install -e .
+  .venv/bin/pip install -e . -c constraints.txt   # the dependency versions the tests passed with
 fi
 RUN="${RUN:-speedrun}"
 NPROC="${NPROC:-8}"

@@ -22,3 +22,29 @@ def test_import_does_no_heavy_work():
     code = "import sys, picochat, picochat.cli; picochat.cli.build_parser(); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_printed_commands_work_in_the_shell_that_ran_us(monkeypatch, tmp_path):
+    """A venv nobody activated (runs/cpu.sh makes one): commands we print name its picochat by full path, and the
+    final message says how to activate it; with that venv first on $PATH, the bare names."""
+    import shlex
+    from pathlib import Path
+
+    from picochat.common import typable_command
+    from picochat.pipeline import printable
+    from picochat.stages.run import finished_message
+
+    venv_bin = Path(sys.executable).parent
+    monkeypatch.setenv("PATH", str(tmp_path))  # a shell whose PATH holds no picochat
+    command = typable_command()
+    assert command == shlex.quote(str((venv_bin / "picochat").absolute()))
+    assert printable([sys.executable, "-m", "picochat", "sft", "--run", "x"]) == f"{command} sft --run x"
+    message = finished_message(tmp_path / "my run")
+    assert f"{command} chat --run-dir '{tmp_path / 'my run'}'" in message and "bin/activate" in message
+    result = subprocess.run(shlex.split(command) + ["--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("picochat ")
+
+    monkeypatch.setenv("PATH", f"{venv_bin}:{tmp_path}")  # activated
+    assert typable_command() == "picochat"
+    assert printable([sys.executable, "-m", "picochat", "sft"]) == "picochat sft"
+    assert "activate" not in finished_message(tmp_path)

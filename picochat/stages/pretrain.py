@@ -53,6 +53,7 @@ from picochat.common import (
     resolve_data_dir,
     resolve_run_dir,
     resume_step,
+    typable_command,
     warn,
 )
 
@@ -345,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
             make_val_loader=val_loader if val_files else None, token_bytes=tokenizer.token_bytes(),
             sample=lambda m: greedy_samples(m, tokenizer),
             resume_settings={"model_config": plan["model_config"], "tokenizer_sha256": tokenizer_sha256},
-            resume_hint=f"picochat pretrain --resume {location}", wandb_config=config,
+            resume_hint=f"{typable_command()} pretrain --resume {location}", wandb_config=config,
         )  # fmt: skip
         if resume_from is not None:
             trainer.restore(load_checkpoint(stage_dir, resume_from))

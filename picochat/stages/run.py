@@ -13,8 +13,19 @@ finished stages are skipped, an interrupted training stage resumes exactly (pico
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
+from pathlib import Path
 
-from picochat.common import PicochatError, add_run_arguments, log, print_table, resolve_data_dir, resolve_run_dir
+from picochat.common import (
+    PicochatError,
+    add_run_arguments,
+    log,
+    print_table,
+    resolve_data_dir,
+    resolve_run_dir,
+    typable_command,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +67,23 @@ def resolve_preset(args: argparse.Namespace):
     return preset, sorted(overrides)
 
 
+def finished_message(run_dir: Path) -> str:
+    """What to do next, as commands that work when pasted into the shell that ran the pipeline."""
+    picochat = typable_command()
+    where = f"--run-dir {shlex.quote(str(run_dir))}"
+    lines = [
+        f"\nDone. The report card: {run_dir / 'report.md'}",
+        "Talk to your model:",
+        f'  {picochat} chat {where} -p "What is your name?"',
+        f"  {picochat} chat {where}            # interactive",
+        f"  {picochat} serve {where}           # web UI at http://127.0.0.1:8000, OpenAI API under /v1",
+    ]
+    if picochat != "picochat":
+        activate = Path(sys.executable).parent / "activate"
+        lines.append(f"(or `source {shlex.quote(str(activate.absolute()))}` once, then type `picochat ...`)")
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
     from picochat import pipeline
     from picochat.planning import describe_plan
@@ -76,11 +104,5 @@ def run(args: argparse.Namespace) -> int:
                             "or use --download-shards N to fetch public pretraining shards into it")  # fmt: skip
     status = pipeline.run_pipeline(preset, args.preset, run_dir, data_dir)
     if status == 0:
-        where = f"--run-dir {run_dir}"
-        print(f"\nDone. The report card: {run_dir / 'report.md'}\n"
-              f"Talk to your model:\n"
-              f"  picochat chat {where} -p \"What is your name?\"\n"
-              f"  picochat chat {where}            # interactive\n"
-              f"  picochat serve {where}           # web UI at http://127.0.0.1:8000, OpenAI API under /v1\n",
-              flush=True)  # fmt: skip
+        print(finished_message(run_dir), flush=True)
     return status

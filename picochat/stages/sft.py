@@ -42,6 +42,7 @@ from picochat.common import (
     print_table,
     resolve_run_dir,
     resume_step,
+    typable_command,
 )
 
 # The midtraining mixture: every built-in source once: conversations, multiple choice, math with tool calls,
@@ -351,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
             sample=chat_samples,
             resume_settings={"model_config": model_config, "tokenizer_sha256": tokenizer_sha256, "mix": spec,
                              "train_conversations": len(train_set)},
-            resume_hint=f"picochat sft --stage {args.stage} --resume {location}", wandb_config=config,
+            resume_hint=f"{typable_command()} sft --stage {args.stage} --resume {location}", wandb_config=config,
         )  # fmt: skip
         if resume_from is not None:
             trainer.restore(load_checkpoint(stage_dir, resume_from))
