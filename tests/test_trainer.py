@@ -217,19 +217,32 @@ def _stream_loader(inputs, targets):
 
 @pytest.mark.parametrize("device_batch_size", [2, 4])
 def test_masked_loss_is_the_mean_over_all_counted_targets(tmp_path, device_batch_size):
-    """Accumulation 4 x 2 rows and 2 x 4 rows give the loss and the update of one 8-row batch: the mean over the
-    step's counted targets, not a mean of per-micro-batch means."""
+    """Accumulation 4 x 2 rows and 2 x 4 rows give the loss, the gradient and the update of one 8-row batch: the
+    mean over the step's counted targets, not a mean of per-micro-batch means.
+
+    Weight decay is off here: cautious decay applies only where update and weight agree in sign, a step function
+    of the update, so an update element near 0 can flip its mask on a rounding difference of 1e-8 in the summed
+    gradient (seen on one CPU: one weight off by lr * wd * w = 8e-4 while every gradient agreed to 5e-8)."""
     inputs, targets = _fixed_rows()
     model = _model(vocab_size=97)
     with torch.no_grad():
         expected = model(inputs, targets)  # one forward over all 8 rows: mean over counted targets
     reference = _model(vocab_size=97)
-    optimizer = reference.setup_optimizer()
+    optimizer = reference.setup_optimizer(weight_decay=0.0)
     reference(inputs, targets).backward()
+    reference_gradients = [p.grad.clone() for p in reference.parameters()]
     optimizer.step()
 
     model = _model(vocab_size=97)
-    optimizer = model.setup_optimizer()
+    optimizer = model.setup_optimizer(weight_decay=0.0)
+    gradients = []
+    step = optimizer.step
+
+    def step_recording_gradients(*args, **kwargs):
+        gradients.extend(p.grad.clone() for p in model.parameters())
+        return step(*args, **kwargs)
+
+    optimizer.step = step_recording_gradients
     settings = TrainSettings(total_batch_size=8 * 16, device_batch_size=device_batch_size, seq_len=16,
                              num_iterations=1, warmup_steps=0, warmdown_ratio=0.0, eval_every=0, sample_every=0,
                              momentum_warmup_steps=0, momentum_peak=0.95, cosine_weight_decay=False)  # fmt: skip
@@ -241,6 +254,9 @@ def test_masked_loss_is_the_mean_over_all_counted_targets(tmp_path, device_batch
     events = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     loss = float(events[0].split('"loss": ')[1].split(",")[0])
     assert loss == pytest.approx(expected.item(), rel=1e-6)
+    assert len(gradients) == len(reference_gradients) > 0  # the trainer stepped through the recording wrapper
+    for (name, _), gradient, reference_gradient in zip(model.named_parameters(), gradients, reference_gradients):
+        torch.testing.assert_close(gradient, reference_gradient, rtol=1e-5, atol=1e-7, msg=name)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
