@@ -168,10 +168,15 @@ def remove_tree(path: str | os.PathLike) -> None:
     afterwards is reported, never ignored silently.
     """
     path = os.fspath(path)
+    retried: set[str] = set()
 
-    def retry(function, failed_path: str, _info) -> None:
-        # Called by rmtree for the entry it could not open, list or remove: open up the entry (when a folder)
-        # and the folder it is in, then remove the entry again from scratch.
+    def retry(_function, failed_path: str, _info) -> None:
+        # Called by rmtree for an entry it could not open, list or remove: open up the entry (when a folder) and
+        # the folder it is in, then remove the entry again from scratch -- once per entry, so a folder that
+        # cannot be fixed ends the attempt instead of looping.
+        if failed_path in retried:
+            return
+        retried.add(failed_path)
         for folder in (os.path.dirname(failed_path), failed_path):
             try:
                 if stat.S_ISDIR(os.lstat(folder).st_mode):
@@ -180,13 +185,11 @@ def remove_tree(path: str | os.PathLike) -> None:
                 pass
         try:
             if stat.S_ISDIR(os.lstat(failed_path).st_mode):
-                shutil.rmtree(failed_path, onerror=_give_up)
+                shutil.rmtree(failed_path, onerror=retry)
             else:
                 os.unlink(failed_path)
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            _give_up(function, failed_path, error)
+        except OSError:
+            pass  # reported below if the top folder is still there
 
     try:
         os.chmod(path, stat.S_IRWXU)
@@ -195,10 +198,6 @@ def remove_tree(path: str | os.PathLike) -> None:
     shutil.rmtree(path, onerror=retry)
     if os.path.lexists(path):
         warn(f"sandbox: could not remove its temporary folder {path}")
-
-
-def _give_up(_function, failed_path: str, _info) -> None:
-    pass  # remove_tree reports the top folder if anything under it is left
 
 
 def _collect_output(process: subprocess.Popen, timeout: float, cap: int) -> tuple[bytes, bytes, bool, bool]:
