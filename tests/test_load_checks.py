@@ -216,6 +216,17 @@ def test_corrupted_run_folder_is_one_line_error(run_copy, capsys, case):
     assert captured.out == ""  # no reply was printed
 
 
+@pytest.mark.parametrize("case", ["weights_nan", "sft_weights_a_folder", "config_sequence_len_huge"])
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["eval", "bpb"], ["eval", "core"], ["export"]])
+def test_every_command_that_loads_refuses_the_same_way(run_copy, capsys, tmp_path, command, case):
+    corrupt, fragments = CASES[case]
+    corrupt(run_copy)
+    extra = ["--out", str(tmp_path / "export")] if command == ["export"] else []
+    assert main([*command, "--run-dir", str(run_copy), *extra]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and all(fragment in lines[0] for fragment in fragments), lines
+
+
 def test_stage_folder_given_directly_names_its_missing_config(run_copy, capsys):
     _add_sft(run_copy)
     (run_copy / "sft" / "config.json").unlink()
