@@ -22,15 +22,17 @@ irrevocable: nothing the code does afterwards (ctypes included) can lift them.
     no /proc (no listing of processes, nor the parent's environment in /proc/<pid>/environ), no home folders, no
     /etc secrets; TCP bind/connect denied (ABI >= 4); signals to processes outside the sandbox and abstract unix
     sockets denied (ABI >= 6).
-  - seccomp (x86-64 and aarch64): nothing aimed at another process -- signals, prlimit, setpriority,
-    ioprio_set, sched_setaffinity, sched_setscheduler, sched_setparam and sched_setattr are allowed only on the
-    sandbox process itself, and ptrace, process_vm_*, pidfd_*, kcmp, process_madvise, migrate_pages and
-    move_pages not at all; no new processes (fork, vfork, clone without CLONE_THREAD; clone3 reports ENOSYS so
-    threads fall back to clone), no exec, no sockets at all (so no network, TCP or UDP, even without Landlock's
-    network rules); none of the privileged calls (mknod, syslog, fanotify, acct, chroot, quotactl, iopl/ioperm,
-    open_by_handle_at, mount and the new mount API, unshare/setns, module loading, reboot, clock changes, swap,
-    host names, keyrings, bpf, perf_event_open, io_uring, userfaultfd) -- a second wall behind the dropped
-    capabilities; and no chmod/chown/xattr (Landlock does not cover metadata changes).
+  - seccomp (x86-64 and aarch64): nothing aimed at another process -- signals, prlimit, setpriority, ioprio_set,
+    sched_setaffinity, sched_setscheduler, sched_setparam and sched_setattr are allowed only on the sandbox process
+    itself, and ptrace, process_vm_*, pidfd_*, kcmp, process_madvise, migrate_pages and move_pages not at all, nor
+    making another process the owner of a file (F_SETOWN, F_SETSIG: the owner gets a signal when I/O is ready); no
+    SysV shared memory, semaphores or message queues (they outlive the process); no new processes (fork, vfork,
+    clone without CLONE_THREAD; clone3 reports ENOSYS so threads fall back to clone), no exec, no sockets at all (so
+    no network, TCP or UDP, even without Landlock's network rules); none of the privileged calls (mknod, syslog,
+    fanotify, acct, chroot, quotactl, iopl/ioperm, open_by_handle_at, mount and the new mount API, unshare/setns,
+    module loading, reboot, clock changes, swap, host names, keyrings, bpf, perf_event_open, io_uring, userfaultfd)
+    -- a second wall behind the dropped capabilities; and no chmod/chown/xattr (Landlock does not cover metadata
+    changes).
 What it does not stop:
   - anything on a system lacking Landlock or seccomp (the `protections` field of every result says which layers
     were in force): then network access, reading the user's files (and /proc/<parent>/environ) and writing

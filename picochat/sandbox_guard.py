@@ -25,8 +25,9 @@ _X86_64 = {
     "audit_arch": 0xC000003E,
     "clone": 56, "clone3": 435, "kill": 62, "tkill": 200, "tgkill": 234,
     "prlimit64": 302, "sched_setaffinity": 203, "sched_setscheduler": 144, "sched_setparam": 142,
-    "sched_setattr": 314, "setpriority": 141, "ioprio_set": 251, "capget": 125, "capset": 126,
-    "denied": dict(
+    "sched_setattr": 314, "setpriority": 141, "ioprio_set": 251, "capget": 125, "capset": 126, "fcntl": 72,
+    "ioctl": 16,
+    "denied": dict(shmget=29, semget=64, msgget=68,
         fork=57, vfork=58, execve=59, execveat=322, socket=41, socketpair=53, rt_sigqueueinfo=129,
         rt_tgsigqueueinfo=297, pidfd_open=434, pidfd_send_signal=424, pidfd_getfd=438, ptrace=101,
         process_vm_readv=310, process_vm_writev=311, process_madvise=440, process_mrelease=448, kcmp=312,
@@ -45,8 +46,9 @@ _AARCH64 = {
     "audit_arch": 0xC00000B7,
     "clone": 220, "clone3": 435, "kill": 129, "tkill": 130, "tgkill": 131,
     "prlimit64": 261, "sched_setaffinity": 122, "sched_setscheduler": 119, "sched_setparam": 118,
-    "sched_setattr": 274, "setpriority": 140, "ioprio_set": 30, "capget": 90, "capset": 91,
-    "denied": dict(
+    "sched_setattr": 274, "setpriority": 140, "ioprio_set": 30, "capget": 90, "capset": 91, "fcntl": 25,
+    "ioctl": 29,
+    "denied": dict(shmget=194, semget=190, msgget=186,
         execve=221, execveat=281, socket=198, socketpair=199, rt_sigqueueinfo=138, rt_tgsigqueueinfo=240,
         pidfd_open=434, pidfd_send_signal=424, pidfd_getfd=438, ptrace=117, process_vm_readv=270,
         process_vm_writev=271, process_madvise=440, process_mrelease=448, kcmp=272, migrate_pages=238,
@@ -228,6 +230,14 @@ def _self_only(number: int, target: int, me: int, which: tuple[int, int] | None 
     return [(JEQ, 0, len(check), number), *check]
 
 
+def _deny_values(number: int, index: int, values: tuple[int, ...]) -> list[tuple]:
+    """Refuse system call `number` (EPERM) when its argument `index` is one of `values`; allow it otherwise."""
+    check = [(LOAD, 0, 0, argument(index))]
+    check += [(JEQ, len(values) - i, 0, value) for i, value in enumerate(values)]  # to the EPERM below
+    check += [(RET, 0, 0, ALLOW), (RET, 0, 0, ERRNO | EPERM)]
+    return [(JEQ, 0, len(check), number), *check]
+
+
 def seccomp(libc, table: dict) -> bool:
     me = os.getpid()  # the sandbox cannot exec or fork, so this stays its pid
     denied = dict(table["denied"])
@@ -245,6 +255,11 @@ def seccomp(libc, table: dict) -> bool:
         program += _self_only(table[name], 0, me)
     program += _self_only(table["setpriority"], 1, me, which=(0, 0))  # PRIO_PROCESS
     program += _self_only(table["ioprio_set"], 1, me, which=(0, 1))  # IOPRIO_WHO_PROCESS
+    # A file's owner receives SIGIO (or any signal F_SETSIG names, SIGKILL included) when I/O is ready on it:
+    # making the parent the owner of the stdout pipe would signal it past the kill filter above. So no
+    # F_SETOWN (8), F_SETSIG (10), F_SETOWN_EX (15), nor their ioctl forms FIOSETOWN and SIOCSPGRP.
+    program += _deny_values(table["fcntl"], 1, (8, 10, 15))
+    program += _deny_values(table["ioctl"], 1, (0x8901, 0x8902))
     # Every kernel entry point into the same code shares the checks: setrlimit/getrlimit are prlimit64 on both
     # architectures' C libraries, and nice() is setpriority.
     for number in denied.values():

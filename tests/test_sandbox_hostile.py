@@ -45,6 +45,12 @@ SNIPPETS = {
     "sched_setattr_parent": "syscall('sched_setattr', parent, ctypes.create_string_buffer("
     "struct.pack('=IIQiIQQQ', 48, 5, 0, 0, 0, 0, 0, 0), 48), 0)",
     "kill_parent": "os.kill(parent, signal.SIGKILL)",
+    # the owner of a file is signalled when I/O is ready on it: the stdout pipe could signal the parent
+    "fcntl_setown_parent": "fcntl.fcntl(1, fcntl.F_SETOWN, parent)",
+    "fcntl_setown_ex_parent": "fcntl.fcntl(1, 15, struct.pack('ii', 1, parent))",  # F_SETOWN_EX, F_OWNER_TID
+    "fcntl_setsig_kill": "fcntl.fcntl(1, 10, signal.SIGKILL)",  # F_SETSIG
+    "ioctl_fiosetown_parent": "fcntl.ioctl(1, 0x8901, struct.pack('i', parent))",
+    "sysv_shared_memory": "check(libc.shmget(0, 1 << 20, 0o1600))",  # IPC_PRIVATE, IPC_CREAT | 0600
     "list_processes": "os.listdir('/proc')",
     "parent_status": "open(f'/proc/{parent}/status').read()",
     "parent_environ": "open(f'/proc/{parent}/environ', 'rb').read()",
@@ -68,7 +74,7 @@ SNIPPETS = {
 }
 
 PRELUDE = """\
-import ctypes, errno, os, platform, resource, signal, stat, struct
+import ctypes, errno, fcntl, os, platform, resource, signal, stat, struct
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 NUMBERS = {"x86_64": dict(ioprio_set=251, sched_setattr=314, open_by_handle_at=304, capset=126),
