@@ -49,7 +49,6 @@ import json
 import math
 import os
 import selectors
-import shutil
 import signal
 import stat
 import subprocess
@@ -162,44 +161,73 @@ def run_python(
 
 
 def remove_tree(path: str | os.PathLike) -> None:
-    """Delete a folder the sandboxed code wrote into, whatever it left there.
+    """Delete a folder the sandboxed code wrote into, whatever it left there; report one that remains.
 
-    The code may leave folders its owner cannot list, enter or write (mkdir with mode 0o300 or 0o500: chmod is
-    denied to it, but mkdir's mode is not), which a plain rmtree run by the same (non-root) user cannot remove.
-    Each folder that resists is given back its owner's permissions and tried again; a folder that still exists
-    afterwards is reported, never ignored silently.
+    shutil.rmtree is not enough for what hostile code can leave: folders nested thousands deep (rmtree recurses
+    once per level, so it raises RecursionError, and their paths pass PATH_MAX), and folders their owner cannot
+    list, enter or write (mkdir with mode 0o300 or 0o000: chmod is denied to the code, mkdir's mode is not),
+    which a non-root parent cannot empty. So the tree is taken apart from the top through folder descriptors:
+    each folder at the top is given back its owner's permissions, its files are deleted and its sub-folders
+    moved up to the top, and then it is removed -- never more than two folders deep, two descriptors open, and
+    each entry handled once. The code has exited by now (its whole process group was killed and reaped), so
+    nothing changes under it.
     """
     path = os.fspath(path)
-    retried: set[str] = set()
-
-    def retry(_function, failed_path: str, _info) -> None:
-        # Called by rmtree for an entry it could not open, list or remove: open up the entry (when a folder) and
-        # the folder it is in, then remove the entry again from scratch -- once per entry, so a folder that
-        # cannot be fixed ends the attempt instead of looping.
-        if failed_path in retried:
-            return
-        retried.add(failed_path)
-        for folder in (os.path.dirname(failed_path), failed_path):
-            try:
-                if stat.S_ISDIR(os.lstat(folder).st_mode):
-                    os.chmod(folder, stat.S_IRWXU)
-            except OSError:
-                pass
-        try:
-            if stat.S_ISDIR(os.lstat(failed_path).st_mode):
-                shutil.rmtree(failed_path, onerror=retry)
-            else:
-                os.unlink(failed_path)
-        except OSError:
-            pass  # reported below if the top folder is still there
-
     try:
         os.chmod(path, stat.S_IRWXU)
+        _take_apart(path)
+        os.rmdir(path)
     except OSError:
         pass
-    shutil.rmtree(path, onerror=retry)
     if os.path.lexists(path):
         warn(f"sandbox: could not remove its temporary folder {path}")
+
+
+def _take_apart(path: str) -> None:
+    """Empty the folder `path` (see remove_tree). Stops when a whole pass over it removes nothing."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    top = os.open(path, flags)
+    moved = 0  # numbers the names of the folders moved up to the top
+    try:
+        while True:
+            entries = list(os.scandir(top))
+            removed = 0
+            for entry in entries:
+                try:
+                    if not entry.is_dir(follow_symlinks=False):
+                        os.unlink(entry.name, dir_fd=top)
+                        removed += 1
+                        continue
+                    os.chmod(entry.name, stat.S_IRWXU, dir_fd=top)
+                    folder = os.open(entry.name, flags, dir_fd=top)
+                    try:
+                        for inner in list(os.scandir(folder)):
+                            if not inner.is_dir(follow_symlinks=False):
+                                os.unlink(inner.name, dir_fd=folder)
+                                continue
+                            os.chmod(inner.name, stat.S_IRWXU, dir_fd=folder)  # moving a folder writes its ".."
+                            moved += 1
+                            while _exists(f".up{moved}", top):
+                                moved += 1
+                            os.rename(inner.name, f".up{moved}", src_dir_fd=folder, dst_dir_fd=top)
+                    finally:
+                        os.close(folder)
+                    os.rmdir(entry.name, dir_fd=top)
+                    removed += 1
+                except OSError:
+                    continue  # tried again on the next pass, unless that pass removes nothing either
+            if not entries or not removed:
+                return
+    finally:
+        os.close(top)
+
+
+def _exists(name: str, folder: int) -> bool:
+    try:
+        os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _collect_output(process: subprocess.Popen, timeout: float, cap: int) -> tuple[bytes, bytes, bool, bool]:

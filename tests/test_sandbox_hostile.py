@@ -91,10 +91,17 @@ def syscall(name, *args):
 """
 
 # Not refused, but hostile to the cleanup: folders the parent cannot list or write into (chmod is denied, mkdir's
-# mode is not), then limits of its own lowered so far that it can open no more files.
+# mode is not), folders nested deeper than rmtree's recursion and PATH_MAX allow, names the cleanup itself uses,
+# then limits of its own lowered so far that it can open no more files.
 LEAVE_A_MESS = """\
 import os, resource
 os.umask(0)
+os.mkdir('.up1')
+open('.up1/file', 'w').write('x')
+for level in range(1200):
+    os.mkdir('deep', 0o300 if level % 5 == 0 else 0o700)
+    os.chdir('deep')
+os.chdir(os.environ['HOME'])
 os.makedirs('a/b/c')
 open('a/b/c/file', 'w').write('x')
 os.mkdir('unlistable', 0o300)
