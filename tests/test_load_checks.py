@@ -184,6 +184,10 @@ CASES = {
     ),
     "step_missing": (lambda r: ["--step", "2"], ["no checkpoint at step 2"]),
     "tokenizer_missing": (lambda r: shutil.rmtree(r / "tokenizer"), ["tokenizer/tokenizer.json", "not found"]),
+    "tokenizer_a_folder": (
+        lambda r: _replace_with_folder(r / "tokenizer" / "tokenizer.json"),
+        ["tokenizer/tokenizer.json", "folder"],
+    ),
     "tokenizer_garbage": (lambda r: _write(r / "tokenizer" / "tokenizer.json", "{oops"), ["tokenizer.json"]),
     # A newer stage that is damaged is reported, never skipped for the older one that still works.
     "sft_weights_a_folder": (
