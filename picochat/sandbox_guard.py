@@ -240,7 +240,6 @@ def _deny_values(number: int, index: int, values: tuple[int, ...]) -> list[tuple
 
 def seccomp(libc, table: dict) -> bool:
     me = os.getpid()  # the sandbox cannot exec or fork, so this stays its pid
-    denied = dict(table["denied"])
     program = [(LOAD, 0, 0, ARCH), (JEQ, 1, 0, table["audit_arch"]), (RET, 0, 0, KILL), (LOAD, 0, 0, NR)]
     if table is _X86_64:
         program += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, ERRNO | EPERM)]  # the x32 syscall range
@@ -260,9 +259,9 @@ def seccomp(libc, table: dict) -> bool:
     # F_SETOWN (8), F_SETSIG (10), F_SETOWN_EX (15), nor their ioctl forms FIOSETOWN and SIOCSPGRP.
     program += _deny_values(table["fcntl"], 1, (8, 10, 15))
     program += _deny_values(table["ioctl"], 1, (0x8901, 0x8902))
-    # Every kernel entry point into the same code shares the checks: setrlimit/getrlimit are prlimit64 on both
-    # architectures' C libraries, and nice() is setpriority.
-    for number in denied.values():
+    # The older calls into the same code need no check: setrlimit acts on the caller only, and nice() is
+    # setpriority in the C library (x86-64 and aarch64 have no nice system call).
+    for number in table["denied"].values():
         program += [(JEQ, 0, 1, number), (RET, 0, 0, ERRNO | EPERM)]
     program.append((RET, 0, 0, ALLOW))
     code = b"".join(struct.pack("=HBBI", *instruction) for instruction in program)  # struct sock_filter
