@@ -34,12 +34,16 @@ def load(
     compute_dtype: a torch dtype (default: the device's compute dtype, bf16 on recent GPUs, fp32 on CPU).
     """
     from picochat.checkpoint import load_model
+    from picochat.common import PicochatError
     from picochat.engine import prepare_for_inference
     from picochat.tokenizer import Tokenizer
 
     run_dir, stage_dir = locate_stage(run_or_path, stage)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     model = load_model(stage_dir, device=device, step=step, compute_dtype=compute_dtype)
+    if tokenizer.vocab_size > model.config.vocab_size:  # its ids past the embedding would fail mid-reply
+        raise PicochatError(f"{run_dir / 'tokenizer'}: {tokenizer.vocab_size} tokens, but the model in {stage_dir} "
+                            f"has {model.config.vocab_size} (vocab_size in its config.json)")  # fmt: skip
     return prepare_for_inference(model, compute_dtype, copy=False), tokenizer
 
 
@@ -54,11 +58,21 @@ def locate_stage(run_or_path: str | os.PathLike, stage: str | None = None) -> tu
         if "/" in name or os.sep in name or not (picochat_home() / "runs" / name).is_dir():
             raise PicochatError(f"{name}: neither a folder nor a run in {picochat_home() / 'runs'}")
         path = resolve_run_dir(run=name)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():  # a stage folder
+    if _is_stage_folder(path):  # the loader then names whichever of its files is missing or damaged
         if stage is not None and stage != path.name:
             raise PicochatError(f"{path} is the {path.name!r} stage folder, but stage {stage!r} was asked for")
         return path.parent, path
     return path, find_stage_dir(path, stage)
+
+
+def _is_stage_folder(path: Path) -> bool:
+    """A stage folder (runs/<run>/sft, ...) rather than a run folder: it has its weights or its config.json in
+    place (a run folder has neither at its top), or a stage's name and checkpoints."""
+    from picochat.checkpoint import STAGE_ORDER
+
+    if os.path.lexists(path / "model.safetensors") or os.path.lexists(path / "config.json"):
+        return True
+    return path.name in STAGE_ORDER and (path / "state").is_dir()
 
 
 def __getattr__(name: str):

@@ -195,7 +195,7 @@ def latest_step(stage_dir: str | os.PathLike) -> int | None:
     try:
         step = json.loads(pointer.read_text(encoding="utf-8"))["step"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise PicochatError(f"{pointer}: unreadable checkpoint pointer ({error}); expected {{\"step\": N}}") from None
+        raise PicochatError(f'{pointer}: unreadable checkpoint pointer ({error}); expected {{"step": N}}') from None
     if not isinstance(step, int) or step not in available_steps(stage_dir):
         raise PicochatError(f"{pointer}: points at step {step!r}, which has no complete checkpoint")
     return step
@@ -221,7 +221,23 @@ def resume_point(stage_dir: str | os.PathLike, resume: str | int | None, *, hold
 
 def load_checkpoint(stage_dir: str | os.PathLike, step: int | None = None) -> Checkpoint:
     """Load the checkpoint at `step` (default: the latest). Tensors come back on the CPU."""
-    stage_dir = Path(stage_dir)
+    folder = _checkpoint_folder(Path(stage_dir), step)
+    model_state = load_weights(folder / "model.safetensors")
+    meta = _read_step_meta(folder)
+    tensors_file = folder / "state.safetensors"
+    _require_file(tensors_file, "training state")
+    try:
+        tensors = load_file(str(tensors_file))
+        training_state = unflatten_state(meta["state"], tensors)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise PicochatError(f"{tensors_file}: damaged checkpoint ({_one_line(error)})") from None
+    except KeyError as error:
+        raise PicochatError(f"{folder / 'state.json'}: names tensor {error} that {tensors_file.name} lacks") from None
+    return Checkpoint(step=meta["step"], model_state=model_state, training_state=training_state, path=folder)
+
+
+def _checkpoint_folder(stage_dir: Path, step: int | None) -> Path:
+    """The folder of checkpoint `step` (default: the one latest.json points at), which must be complete."""
     if step is None:
         step = latest_step(stage_dir)
         if step is None:
@@ -230,26 +246,47 @@ def load_checkpoint(stage_dir: str | os.PathLike, step: int | None = None) -> Ch
     if not (folder / "state.json").is_file():
         have = ", ".join(map(str, available_steps(stage_dir))) or "none"
         raise PicochatError(f"{stage_dir}: no checkpoint at step {step} (available: {have})")
+    return folder
+
+
+def _read_step_meta(folder: Path) -> dict[str, Any]:
+    """state.json of a checkpoint folder, checked: an object whose "step" is the folder's step, with "state"."""
+    path = folder / "state.json"
     try:
-        model_state = load_file(str(folder / "model.safetensors"))
-        tensors = load_file(str(folder / "state.safetensors"))
-        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, SafetensorError) as error:
-        raise PicochatError(f"{folder}: damaged checkpoint ({error})") from None
-    return Checkpoint(step=meta["step"], model_state=model_state,
-                      training_state=unflatten_state(meta["state"], tensors), path=folder)
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise PicochatError(f"{path}: unreadable ({_one_line(error)})") from None
+    step = int(_STEP_DIR.match(folder.name).group(1))
+    if not isinstance(meta, dict) or "state" not in meta:
+        raise PicochatError(f'{path}: expected a JSON object with "step" and "state" (a damaged checkpoint)')
+    if meta.get("step") != step or isinstance(meta.get("step"), bool):
+        raise PicochatError(f'{path}: "step" is {meta.get("step")!r}, but the folder is step {step}')
+    return meta
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Weights only, from a stage folder (its model.safetensors) or a .safetensors file."""
     path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise PicochatError(f"{file}: no weights file")
+    file = path / "model.safetensors" if path.is_dir() and path.suffix != ".safetensors" else path
+    _require_file(file, "weights")
     try:
         return load_file(str(file))
-    except (OSError, SafetensorError) as error:
-        raise PicochatError(f"{file}: damaged weights file ({error})") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise PicochatError(f"{file}: damaged weights file ({_one_line(error)})") from None
+
+
+def _require_file(path: Path, what: str) -> None:
+    """A one-line error unless `path` is a regular file (a folder or a missing file in its place is not)."""
+    if path.is_dir():
+        raise PicochatError(f"{path}: is a folder, expected the {what} file")
+    if not path.is_file():
+        problem = "not a regular file" if os.path.lexists(path) else "not found"
+        raise PicochatError(f"{path}: {problem} (expected the {what} file)")
+
+
+def _one_line(error: BaseException) -> str:
+    """An underlying library's message on one line (the CLI prints one line per error)."""
+    return " ".join(str(error).split())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,28 +298,36 @@ STAGE_ORDER = ("rl", "sft", "mid", "base")  # later stages first: the default mo
 
 def read_stage_config(stage_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(stage_dir) / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise PicochatError(f"{path}: not found (is {Path(stage_dir)} a trained stage folder?)")
+    _require_file(path, "stage config")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise PicochatError(f"{path}: unreadable ({error})") from None
+        raise PicochatError(f"{path}: unreadable ({_one_line(error)})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise PicochatError(f"{path}: expected a JSON object with the model shape under \"model\"")
+        raise PicochatError(f'{path}: expected a JSON object with the model shape under "model"')
     return config
 
 
+def has_weights(stage_dir: str | os.PathLike) -> bool:
+    """Whether a stage folder holds (something in the place of) its weights. A folder or a damaged file there
+    counts: choosing the stage makes the loader report it, rather than silently loading an older stage."""
+    return os.path.lexists(Path(stage_dir) / "model.safetensors")
+
+
 def find_stage_dir(run_dir: str | os.PathLike, stage: str | None = None) -> Path:
-    """The stage folder to load from a run: `stage` if given, else the newest stage that has weights."""
+    """The stage folder to load from a run: `stage` if given, else the newest stage that has weights (a stage
+    still training, with its config.json but no weights yet, is passed over for the one before it)."""
     run_dir = Path(run_dir)
     if stage is not None:
         if stage not in STAGE_ORDER:
             raise PicochatError(f"--stage {stage!r}: expected one of {', '.join(STAGE_ORDER)}")
-        if not (run_dir / stage / "model.safetensors").is_file():
+        if not has_weights(run_dir / stage):
             raise PicochatError(f"{run_dir / stage}: no trained model there (model.safetensors missing)")
         return run_dir / stage
     for name in STAGE_ORDER:
-        if (run_dir / name / "model.safetensors").is_file():
+        if has_weights(run_dir / name):
             return run_dir / name
     raise PicochatError(f"{run_dir}: no trained model in any stage ({', '.join(STAGE_ORDER)}); run `picochat pretrain`")
 
@@ -302,16 +347,41 @@ def load_model(
     from picochat.gpt import GPT, GPTConfig
 
     stage_dir = Path(stage_dir)
-    config = GPTConfig.from_dict(read_stage_config(stage_dir)["model"], source=str(stage_dir / "config.json"))
-    weights = load_weights(stage_dir) if step is None else load_checkpoint(stage_dir, step).model_state
+    config_file = stage_dir / "config.json"
+    config = GPTConfig.from_dict(read_stage_config(stage_dir)["model"], source=str(config_file))
+    if step is None:
+        weights_file = stage_dir / "model.safetensors"
+    else:
+        folder = _checkpoint_folder(stage_dir, step)
+        _read_step_meta(folder)
+        weights_file = folder / "model.safetensors"
+    weights = load_weights(weights_file)
+    with torch.device("meta"):  # shapes only: nothing is allocated for a config that does not fit the file
+        expected = {name: tuple(tensor.shape) for name, tensor in GPT(config).state_dict().items()}
+    check_weights(weights, expected, weights_file, config_file)
     model = GPT.build(config, device or autodetect_device(), compute_dtype=compute_dtype)
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def check_weights(
+    weights: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], weights_file: Path, config_file: Path
+) -> None:
+    """Refuse weights that are not what the config says (names, shapes), not floating point, or not finite:
+    NaN or inf anywhere would make every reply garbage (greedy decoding of NaN logits picks token 0)."""
     found = {name: tuple(tensor.shape) for name, tensor in weights.items()}
     if expected != found:
         problems = [f"missing {name}" for name in expected.keys() - found.keys()]
         problems += [f"unexpected {name}" for name in found.keys() - expected.keys()]
-        problems += [f"{name} has shape {found[name]}, config says {expected[name]}"
-                     for name in expected.keys() & found.keys() if expected[name] != found[name]]
-        raise PicochatError(f"{stage_dir}: weights do not match config.json: {'; '.join(sorted(problems)[:4])}")
-    model.load_state_dict(weights)
-    return model.eval()
+        problems += [f"{name} has shape {found[name]}, {config_file.name} says {expected[name]}"
+                     for name in expected.keys() & found.keys() if expected[name] != found[name]]  # fmt: skip
+        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise PicochatError(f"{weights_file}: weights do not match {config_file}: {'; '.join(sorted(problems)[:4])}"
+                            f"{more}")  # fmt: skip
+    for name, tensor in weights.items():
+        if not tensor.is_floating_point():
+            raise PicochatError(f"{weights_file}: tensor {name} is {tensor.dtype}, expected floating point")
+        bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+        if bad:
+            raise PicochatError(f"{weights_file}: tensor {name} has {bad:,} non-finite value(s) (NaN or inf) "
+                                f"of {tensor.numel():,}")  # fmt: skip

@@ -49,6 +49,17 @@ QK_SCALE = 1.2  # after QK-norm, q and k are each multiplied by this: sharper at
 SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the embedding
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of the block input
 VOCAB_MULTIPLE = 64  # pad the vocabulary so the embedding/lm_head shapes are friendly to matmul kernels
+# Upper bounds on a config's sizes, far above anything trainable here (nanochat's largest: 2048 tokens, 65,536
+# vocab, 32 layers x 2048 wide), so that a damaged or hostile config.json is refused with a message instead of
+# an attempt to allocate petabytes (the rotary tables alone are 10 x sequence_len x head_dim floats).
+CONFIG_MAXIMA = {
+    "sequence_len": 131_072,
+    "vocab_size": 1 << 20,
+    "n_layer": 512,
+    "n_head": 1024,
+    "n_kv_head": 1024,
+    "n_embd": 32_768,
+}
 
 
 @dataclass
@@ -66,6 +77,8 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PicochatError(f"model config {name}={value!r}: expected a positive integer")
+            if value > CONFIG_MAXIMA[name]:
+                raise PicochatError(f"model config {name}={value}: expected at most {CONFIG_MAXIMA[name]:,}")
         if self.n_embd % self.n_head:
             raise PicochatError(f"model config: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.head_dim % 2:
@@ -74,7 +87,7 @@ class GPTConfig:
             raise PicochatError(f"model config: n_kv_head {self.n_kv_head} must divide n_head {self.n_head}")
         if self.n_embd < SMEAR_CHANNELS:
             raise PicochatError(f"model config: n_embd {self.n_embd} must be at least {SMEAR_CHANNELS}")
-        pattern = str(self.window_pattern).upper()
+        pattern = self.window_pattern.upper() if isinstance(self.window_pattern, str) else ""
         if not pattern or set(pattern) - {"S", "L"}:
             raise PicochatError(
                 f"model config window_pattern={self.window_pattern!r}: expected letters S (short) and L (long)"
@@ -126,11 +139,17 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "model config") -> GPTConfig:
+        """A config from its to_dict() form, read from `source` (a file name), which every error names."""
+        if not isinstance(data, dict):
+            raise PicochatError(f"{source}: the model shape must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise PicochatError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except PicochatError as error:
+            raise PicochatError(f"{source}: {error}") from None
 
 
 def has_value_embedding(layer: int, n_layer: int) -> bool:

@@ -307,12 +307,16 @@ class Tokenizer:
         """
         path = Path(path)
         json_path = path if path.suffix == ".json" and not path.is_dir() else path / TOKENIZER_FILE
+        if json_path.is_dir():
+            raise PicochatError(f"{json_path}: is a folder, expected the tokenizer file")
         if not json_path.is_file():
             raise PicochatError(f"{json_path}: tokenizer file not found (train one with `picochat tokenizer train`)")
         try:
             document = json.loads(json_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise PicochatError(f"{json_path}: not a valid JSON tokenizer file ({error})") from None
+        except OSError as error:
+            raise PicochatError(f"{json_path}: unreadable ({error.strerror or error})") from None
         if not isinstance(document, dict) or document.get("format") != FILE_FORMAT:
             raise PicochatError(f'{json_path}: not a picochat tokenizer file (expected "format": "{FILE_FORMAT}")')
         if document.get("version") != 1:

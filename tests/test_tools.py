@@ -111,6 +111,7 @@ def test_sandbox_protections_are_in_force():
     result = run_python("print('ok')")
     assert result.success and result.stdout == "ok\n"
     assert result.protections.get("rlimits") is True
+    assert result.protections.get("capabilities") is True, f"capabilities not dropped: {result.protections}"
     assert result.protections.get("seccomp") is True, f"seccomp filter not applied: {result.protections}"
     assert result.protections.get("landlock", 0) >= 6, f"Landlock ABI >= 6 needed: {result.protections}"
 

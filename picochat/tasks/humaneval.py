@@ -4,7 +4,7 @@ File: <data_dir>/chat_eval/humaneval/HumanEval.jsonl.gz, rows {"task_id", "promp
 "entry_point"}. The user message is the prompt (imports, signature, docstring); the ideal assistant message is the
 prompt followed by the canonical body, i.e. the whole function.
 
-Scoring runs a program in the sandbox (picochat.tools.run_python: its own process, rlimits, 5 s, 256 MB):
+Scoring runs a program in the sandbox (picochat.sandbox.run_python: its own process, rlimits, 5 s, 256 MB):
 
     the prompt's import lines
     the completion's code: the first ```python block of the response, else the whole response
@@ -47,7 +47,7 @@ class HumanEval(Task):
         *,
         execute: Callable[[str], bool] | None = None,
     ) -> None:
-        """execute(program) -> passed; default: run it in picochat.tools' sandbox (5 s, 256 MB)."""
+        """execute(program) -> passed; default: run it in picochat.sandbox (5 s, 256 MB)."""
         self.execute = execute or _run_in_sandbox
         path = data_file(data_dir, "chat_eval/humaneval/HumanEval.jsonl.gz", "the HumanEval problems")
         self.rows: list[dict[str, str]] = []
