@@ -38,6 +38,7 @@ import torch
 
 from picochat.attention import KVCache
 from picochat.common import PicochatError, warn
+from picochat.context_fit import fit_messages
 from picochat.tools import calculator
 
 FINISHED = -1  # the token reported for a row that finished at an earlier step
@@ -467,18 +468,16 @@ class Engine:
             raise PicochatError("messages: expected a non-empty list of {'role': ..., 'content': ...} objects")
         if messages[-1].get("role") == "assistant":
             messages = messages[:-1]  # the reply to write is the next one; render_for_completion drops it too
-        first = 1 if messages and messages[0].get("role") == "system" else 0
-        prompt = self.tokenizer.render_for_completion(messages)
-        dropped = 0
-        while len(prompt) + max_tokens > self.context_len:
-            if len(messages) - first <= 1:
-                raise PicochatError(
-                    f"the last message makes a prompt of {len(prompt)} tokens; with max_tokens {max_tokens} that "
-                    f"exceeds the model's context of {self.context_len} tokens (shorten it or lower max_tokens)"
-                )
-            messages = messages[:first] + messages[first + 2 :]
-            dropped += 2
-            prompt = self.tokenizer.render_for_completion(messages)
+        # Linear in the conversation's length, and exactly what re-rendering after each drop would keep.
+        pairs, prompt = fit_messages(self.tokenizer, messages, self.context_len - max_tokens)
+        dropped = 2 * pairs
+        first = 1 if messages[0].get("role") == "system" else 0
+        messages = messages[:first] + messages[first + dropped :]
+        if len(prompt) + max_tokens > self.context_len:
+            raise PicochatError(
+                f"the last message makes a prompt of {len(prompt)} tokens; with max_tokens {max_tokens} that "
+                f"exceeds the model's context of {self.context_len} tokens (shorten it or lower max_tokens)"
+            )
         if dropped:
             warn(
                 f"the conversation does not fit the model's context of {self.context_len} tokens with "

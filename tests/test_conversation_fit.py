@@ -11,7 +11,9 @@ from helpers import tiny_model
 
 from picochat import engine as engine_module
 from picochat.common import PicochatError
+from picochat.context_fit import forced_chunk_end, last_forced_chunk_end
 from picochat.engine import Engine
+from picochat.tokenizer import SYSTEM_JOINER
 
 CONTEXT = 256
 
@@ -107,3 +109,40 @@ def test_conversation_mistakes_are_the_same_errors_as_before(engine):
             reference_fit(engine, messages, 16)
         with pytest.raises(PicochatError, match=re.escape(str(expected.value))):
             engine.fit_conversation(messages, 16)
+
+
+def test_text_cut_at_a_forced_chunk_end_tokenizes_as_the_whole(tokenizer):
+    """The property the linear fit relies on: at every place forced_chunk_end allows, the tokens of the whole text
+    are the tokens of the part before it followed by those of the part after it."""
+    rng = random.Random(7)
+    cuts = 0
+    for _ in range(300):
+        text = random_text(rng, 20) + rng.choice(["", SYSTEM_JOINER + random_text(rng, 5)])
+        whole = tokenizer.encode(text)
+        for i in range(1, len(text)):
+            if forced_chunk_end(text[i - 1], text[i]):
+                assert tokenizer.encode(text[:i]) + tokenizer.encode(text[i:]) == whole, (text, i)
+                cuts += 1
+    assert cuts > 1000
+    assert last_forced_chunk_end("Be brief.", SYSTEM_JOINER) == len("Be brief")
+    assert last_forced_chunk_end("Be brief", SYSTEM_JOINER) == len("Be brief")
+    assert last_forced_chunk_end("...  ", SYSTEM_JOINER) == 0
+    assert not forced_chunk_end("a", "\U000e0080")  # unassigned here: it may be a letter to the tokenizer
+
+
+def test_fitting_is_linear_in_the_conversation_length(engine, monkeypatch):
+    """Each message is tokenized a bounded number of times, however many exchanges are dropped."""
+    monkeypatch.setattr(engine_module, "warn", lambda message: None)
+    encoded = []
+    original = engine.tokenizer.encode
+    monkeypatch.setattr(
+        engine.tokenizer, "encode", lambda text, **kw: encoded.append(len(text)) or original(text, **kw)
+    )
+    for messages in (200, 400):
+        chat = [{"role": "system", "content": "Be brief."}]
+        chat += [{"role": ("user", "assistant")[i % 2], "content": f"message {i} says words"} for i in range(messages)]
+        chat.append({"role": "user", "content": "last"})
+        encoded.clear()
+        kept, _ = engine.fit_conversation(chat, 64)
+        characters = sum(len(m["content"]) for m in chat)
+        assert len(kept) < len(chat) / 4 and sum(encoded) <= 3 * characters
