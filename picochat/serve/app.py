@@ -21,7 +21,8 @@ such a parts list, so a conversation round-trips exactly.
 Hardening. Generation runs in the scheduler's worker thread, prompt preparation in a thread pool: the event loop
 only moves bytes. The server binds 127.0.0.1 by default (stages/serve.py); with an API key every path except the
 page and /health needs `Authorization: Bearer <key>`; CORS is off unless origins are listed; bodies, messages,
-characters, max_tokens and n are bounded; every error is JSON in OpenAI's shape {"error": {"message", "type",
+characters, max_tokens and n are bounded; only requests whose Host header names this server are answered
+(hosts.py, against DNS rebinding); every error is JSON in OpenAI's shape {"error": {"message", "type",
 "param", "code"}} with a 4xx status for anything the client can fix; message contents are never logged.
 """
 
@@ -48,6 +49,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from picochat.common import PicochatError, warn
+from picochat.serve.hosts import LOOPBACK_HOSTS, HostCheck
 from picochat.serve.protocol import (
     ERROR_RESPONSES,
     FINISH_REASONS,
@@ -94,6 +96,7 @@ class ServeSettings:
 
     model_id: str = "picochat"
     api_key: str | None = None
+    allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS  # Host header names answered to; None: any (hosts.py)
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 1_000_000
     max_messages: int = 500
@@ -297,11 +300,16 @@ def create_app(scheduler: Scheduler, settings: ServeSettings | None = None) -> F
         finally:
             await run_in_threadpool(scheduler.close)
 
+    def host_rejected() -> None:
+        metrics.rejected["host"] += 1
+
     middleware = [Middleware(Guard, settings=settings, metrics=metrics)]
-    if settings.cors_origins:  # outermost, so that even a 401 or 413 carries the CORS headers
+    if settings.cors_origins:  # outside the guard, so that even a 401 or 413 carries the CORS headers
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                         allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
                                         expose_headers=["X-Picochat-Dropped-Messages"], max_age=600))  # fmt: skip
+    # Outermost: a request for another host (DNS rebinding) gets no further, not even a CORS answer.
+    middleware.insert(0, Middleware(HostCheck, hosts=settings.allowed_hosts, on_reject=host_rejected))
     app = FastAPI(title="picochat", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
                   middleware=middleware)  # fmt: skip
     app.add_exception_handler(RequestValidationError, validation_error_handler)
@@ -393,7 +401,7 @@ def create_app(scheduler: Scheduler, settings: ServeSettings | None = None) -> F
         except QueueFull:
             metrics.rejected["queue_full"] += 1
             raise ApiError(429, "the server is busy (queue full): retry shortly", kind="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None  # fmt: skip
 
     async def batches(request: Request, submission: Submission) -> AsyncIterator[list[Event]]:
         """The submission's events; stops (cancelling it) when the client goes away; a safety net in case
@@ -592,5 +600,3 @@ def create_app(scheduler: Scheduler, settings: ServeSettings | None = None) -> F
         return JSONResponse(reply.model_dump())
 
     return app
-
-

@@ -219,7 +219,6 @@ def validation_error_handler(request: Request, error: RequestValidationError) ->
     return error_response(400, message, param=param, code=str(first.get("type", "invalid_value")))
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Streams (server-sent events) and /v1/completions choices
 
@@ -394,5 +393,9 @@ class CompletionAssembly:
     def logprobs(self, start: int = 0) -> CompletionLogprobs | None:
         if not self.want:
             return None
-        return CompletionLogprobs(tokens=self.tokens[start:], token_logprobs=self.token_logprobs[start:],
-                                  top_logprobs=self.top_logprobs[start:], text_offset=self.text_offset[start:])
+        return CompletionLogprobs(
+            tokens=self.tokens[start:],
+            token_logprobs=self.token_logprobs[start:],
+            top_logprobs=self.top_logprobs[start:],
+            text_offset=self.text_offset[start:],
+        )

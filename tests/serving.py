@@ -1,0 +1,48 @@
+"""What the server tests share: a live uvicorn server on 127.0.0.1 in a thread, and raw HTTP helpers for what a
+client library would refuse to send."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import uvicorn
+
+KEY = "test-key"
+HELLO = [{"role": "user", "content": "Hello! What is the capital of France?"}]
+
+
+class LiveServer:
+    """uvicorn serving `app` on 127.0.0.1 (a free port) in a thread, for the duration of a with-block."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def post(url: str, path: str, body, *, key: str | None = KEY, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (bytes, str)):
+        return httpx.post(url + path, content=body, headers={**headers, "Content-Type": "application/json"}, **kwargs)
+    return httpx.post(url + path, json=body, headers=headers, **kwargs)
+
+
+def assert_error(response: httpx.Response, status: int, text: str = "") -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and text in error["message"]
+    return error
