@@ -14,10 +14,11 @@ HELLO = [{"role": "user", "content": "Hello! What is the capital of France?"}]
 
 
 class LiveServer:
-    """uvicorn serving `app` on 127.0.0.1 (a free port) in a thread, for the duration of a with-block."""
+    """uvicorn serving `app` on 127.0.0.1 (a free port) in a thread, for the duration of a with-block. `config`:
+    more uvicorn.Config settings."""
 
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    def __init__(self, app, **config):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:

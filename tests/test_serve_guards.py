@@ -4,6 +4,10 @@ model behind a live server on 127.0.0.1, as in test_serve_api.py."""
 
 from __future__ import annotations
 
+import json
+import socket
+import time
+
 import httpx
 import pytest
 from helpers import lively_model
@@ -12,6 +16,7 @@ from serving import HELLO, KEY, LiveServer, assert_error
 from picochat.cli import main
 from picochat.engine import Engine
 from picochat.serve.app import ServeSettings, create_app
+from picochat.serve.deadlines import header_deadline_protocol
 from picochat.serve.hosts import accepted_hosts, host_name
 from picochat.serve.scheduler import Scheduler
 
@@ -67,3 +72,89 @@ def test_allowed_host_mistakes_are_one_line_errors(capsys, tmp_path, value):
     assert main(["serve", "--run-dir", str(tmp_path), "--allowed-host", value]) == 2
     error = capsys.readouterr().err.splitlines()[-1]
     assert error.startswith("picochat: error: --allowed-host")
+
+
+# ---- slow clients ---------------------------------------------------------------------------------------
+
+READ_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def strict_server(engine):
+    """A server whose clients must send their headers, and then their body, within READ_TIMEOUT seconds."""
+    settings = ServeSettings(api_key=KEY, body_timeout=READ_TIMEOUT)
+    app = create_app(Scheduler(engine, max_batch=2, queue_size=4), settings)
+    with LiveServer(app, http=header_deadline_protocol(READ_TIMEOUT), timeout_keep_alive=1) as url:
+        yield url
+
+
+def trickling_clients(url: str, count: int, start: bytes, seconds: float = 6.0) -> list[tuple[bytes, float]]:
+    """`count` connections that send `start`, then one more byte every 0.1 s until the server closes them (or
+    `seconds` pass): per connection, what the server answered and when it closed, in seconds from the start."""
+    host, port = url.removeprefix("http://").split(":")
+    sockets = [socket.create_connection((host, int(port)), timeout=5) for _ in range(count)]
+    began, answers, closed = time.monotonic(), [b""] * count, [None] * count
+    for connection in sockets:
+        connection.sendall(start)
+        connection.settimeout(0.01)
+    while None in closed and time.monotonic() - began < seconds:
+        for i, connection in enumerate(sockets):
+            if closed[i] is not None:
+                continue
+            try:
+                connection.sendall(b"x")
+                while chunk := connection.recv(65536):
+                    answers[i] += chunk
+                closed[i] = time.monotonic() - began  # recv() gave b"": the server closed it
+            except TimeoutError:
+                pass
+            except OSError:  # reset or broken pipe: closed too
+                closed[i] = time.monotonic() - began
+        time.sleep(0.1)
+    for connection in sockets:
+        connection.close()
+    return list(zip(answers, closed))
+
+
+def json_error(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def test_clients_that_trickle_their_headers_are_timed_out_and_others_still_served(strict_server):
+    started = time.monotonic()
+    results = trickling_clients(strict_server, 12, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+    for answer, closed in results:
+        assert closed is not None and READ_TIMEOUT * 0.9 < closed < READ_TIMEOUT + 2.5
+        status, error = json_error(answer)
+        assert status == 408 and error["code"] == "request_timeout"
+    assert httpx.get(strict_server + "/health").status_code == 200
+    # A client that connects and says nothing is cut the same way.
+    ((answer, closed),) = trickling_clients(strict_server, 1, b"")
+    assert json_error(answer)[0] == 408 and closed < READ_TIMEOUT + 2.5
+    assert time.monotonic() - started < 15
+
+
+def test_clients_that_trickle_their_body_are_timed_out(strict_server):
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{").encode()  # fmt: skip
+    for answer, closed in trickling_clients(strict_server, 4, head):
+        status, error = json_error(answer)
+        assert status == 408 and error["code"] == "request_timeout" and "body" in error["message"]
+        assert closed is not None and closed < READ_TIMEOUT + 2.5
+    # Malformed HTTP is a JSON error with a code too (uvicorn's own answer is plain text).
+    ((answer, _),) = trickling_clients(strict_server, 1, b"NOT HTTP\r\n\r\n")
+    status, error = json_error(answer)
+    assert status == 400 and error["code"] == "invalid_http"
+
+
+# ---- the API key ----------------------------------------------------------------------------------------
+
+
+def test_the_bearer_scheme_is_case_insensitive(server):
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"]:
+        response = httpx.get(server + "/v1/models", headers={"Authorization": f"{scheme} {KEY}"})
+        assert response.status_code == 200, scheme
+    for value in [f"Basic {KEY}", f"Bearer{KEY}", f"Bearer {KEY}x", "bearer", KEY]:
+        response = httpx.get(server + "/v1/models", headers={"Authorization": value})
+        assert assert_error(response, 401)["code"] == "invalid_api_key", value

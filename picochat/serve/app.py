@@ -29,8 +29,6 @@ characters, max_tokens and n are bounded; only requests whose Host header names 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import math
 import time
 import uuid
 from collections import Counter
@@ -49,6 +47,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from picochat.common import PicochatError, warn
+from picochat.serve.guard import Guard
 from picochat.serve.hosts import LOOPBACK_HOSTS, HostCheck
 from picochat.serve.protocol import (
     ERROR_RESPONSES,
@@ -106,6 +105,7 @@ class ServeSettings:
     max_n: int = 8
     max_prompts: int = 16  # prompts in one /v1/completions request
     request_timeout: float = 300.0  # seconds from arrival until a request is stopped
+    body_timeout: float = 30.0  # seconds a client may take to send a request's body (guard.py)
     rate_limit: int = 0  # generation requests per minute per client address (0: no limit)
     temperature: float = 0.8  # used when a request does not say
     top_k: int | None = 50
@@ -175,111 +175,6 @@ class Metrics:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The guard: one ASGI middleware for the API key, the body limit, security headers and request metrics
-
-
-class RateLimiter:
-    """Per client address, a token bucket: `per_minute` requests of burst, refilled at per_minute / 60 a second.
-    (Behind a reverse proxy every client has the proxy's address: limit there instead.)"""
-
-    def __init__(self, per_minute: int):
-        self.per_minute = per_minute
-        self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, time of the last update)
-
-    def retry_after(self, address: str) -> float:
-        """0 if the request may go ahead (and it is counted), else the seconds until it may."""
-        now, rate = time.monotonic(), self.per_minute / 60
-        tokens, last = self.buckets.get(address, (self.per_minute, now))
-        tokens = min(self.per_minute, tokens + (now - last) * rate)
-        if tokens < 1:
-            self.buckets[address] = (tokens, now)
-            return (1 - tokens) / rate
-        self.buckets[address] = (tokens - 1, now)
-        if len(self.buckets) > 10_000:  # forget clients whose bucket is full again
-            self.buckets = {a: (t, u) for a, (t, u) in self.buckets.items() if t + (now - u) * rate < self.per_minute}
-        return 0.0
-
-
-class Guard:
-    def __init__(self, app, *, settings: ServeSettings, metrics: Metrics):
-        self.app, self.settings, self.metrics = app, settings, metrics
-        self.limiter = RateLimiter(settings.rate_limit) if settings.rate_limit > 0 else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started, path, status = time.monotonic(), scope["path"], [500]
-        endpoint = path if path in ENDPOINTS else "other"
-
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff"),
-                                      (b"referrer-policy", b"no-referrer")]  # fmt: skip
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self.metrics.requests[(endpoint, status[0])] += 1
-                if endpoint in self.metrics.duration:
-                    self.metrics.duration[endpoint].observe(time.monotonic() - started)
-
-        key = self.settings.api_key
-        if key and path not in PUBLIC_PATHS and scope["method"] != "OPTIONS":
-            headers = dict(scope["headers"])
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), key.encode())):
-                response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                          kind="authentication_error", code="invalid_api_key",
-                                          headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-                return await response(scope, receive, send_with_headers)
-        if self.limiter is not None and scope["method"] == "POST" and path.startswith("/v1/"):
-            wait = self.limiter.retry_after((scope.get("client") or ("unknown", 0))[0])
-            if wait > 0:
-                self.metrics.rejected["rate_limit"] += 1
-                response = error_response(429, f"rate limit of {self.settings.rate_limit} requests per minute "
-                                          "reached: retry later", kind="rate_limit_error", code="rate_limit_exceeded",
-                                          headers={"Retry-After": str(math.ceil(wait))})  # fmt: skip
-                return await response(scope, receive, send_with_headers)
-        if scope["method"] in ("POST", "PUT", "PATCH"):
-            body = await self._read_body(receive)
-            if body is None:
-                limit = self.settings.max_body_bytes
-                response = error_response(413, f"request body larger than {limit} bytes", code="body_too_large")
-                return await response(scope, receive, send_with_headers)
-            receive = _replay(body, receive)
-        await self.app(scope, receive, send_with_headers)
-
-    async def _read_body(self, receive) -> bytes | None:
-        """The whole body, or None if it is over the limit (read no further than that)."""
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.settings.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    """A receive() that gives the already-read body once, then listens to the client again (disconnects)."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The app
 
 
@@ -303,7 +198,7 @@ def create_app(scheduler: Scheduler, settings: ServeSettings | None = None) -> F
     def host_rejected() -> None:
         metrics.rejected["host"] += 1
 
-    middleware = [Middleware(Guard, settings=settings, metrics=metrics)]
+    middleware = [Middleware(Guard, settings=settings, metrics=metrics, public_paths=PUBLIC_PATHS)]
     if settings.cors_origins:  # outside the guard, so that even a 401 or 413 carries the CORS headers
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                         allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],

@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a row (64), then 429")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may take (300)")
     parser.add_argument(
+        "--read-timeout", type=float, default=30.0,
+        help="seconds a client may take to send a request's headers, and again its body (30); then 408",
+    )  # fmt: skip
+    parser.add_argument(
         "--rate-limit", type=int, default=120, help="generation requests per minute per client address, 0 = off (120)"
     )
     parser.add_argument("--max-tokens-limit", type=int, help="the most max_tokens a request may ask (the context)")
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     from picochat.engine import check_sampling
     from picochat.serve.app import create_app
+    from picochat.serve.deadlines import header_deadline_protocol
     from picochat.serve.scheduler import Scheduler
     from picochat.stages.chat import load_engine
 
@@ -71,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
         f"batch {args.max_batch} rows, queue {args.queue_size}; http://{_url_host(args.host)}:{args.port}/"
     )
     # On Ctrl-C, streams still open get 5 s to finish, then they are cut (their generations stop with them).
+    # Slow clients: headers within --read-timeout (deadlines.py), idle kept-alive connections closed after 5 s.
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, server_header=False,
-                timeout_graceful_shutdown=5)  # fmt: skip
+                timeout_graceful_shutdown=5, timeout_keep_alive=5,
+                http=header_deadline_protocol(args.read_timeout))  # fmt: skip
     return 0
 
 
@@ -88,8 +95,11 @@ def _settings(args: argparse.Namespace):
             raise PicochatError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise PicochatError(f"--max-tokens-limit {args.max_tokens_limit}: expected a positive integer")
-    if not args.request_timeout > 0:
-        raise PicochatError(f"--request-timeout {args.request_timeout}: expected a positive number of seconds")
+    for name in ("request_timeout", "read_timeout"):
+        if not 0 < getattr(args, name) < 1e6:  # (also refuses nan and inf)
+            raise PicochatError(
+                f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number of seconds"
+            )
     if not 0 <= args.port <= 65535:
         raise PicochatError(f"--port {args.port}: expected 0 to 65535")
     if args.rate_limit < 0:
@@ -117,6 +127,7 @@ def _settings(args: argparse.Namespace):
         max_tokens_limit=args.max_tokens_limit,
         max_n=args.max_n,
         request_timeout=args.request_timeout,
+        body_timeout=args.read_timeout,
         rate_limit=args.rate_limit,
         temperature=args.temperature,
         top_k=args.top_k or None,
