@@ -11,8 +11,9 @@ import time
 import httpx
 import pytest
 from helpers import lively_model
-from serving import HELLO, KEY, LiveServer, assert_error
+from serving import HELLO, KEY, LiveServer, assert_error, post
 
+from picochat import engine as engine_module
 from picochat.cli import main
 from picochat.engine import Engine
 from picochat.serve.app import ServeSettings, create_app
@@ -82,7 +83,7 @@ READ_TIMEOUT = 1.0
 @pytest.fixture(scope="module")
 def strict_server(engine):
     """A server whose clients must send their headers, and then their body, within READ_TIMEOUT seconds."""
-    settings = ServeSettings(api_key=KEY, body_timeout=READ_TIMEOUT)
+    settings = ServeSettings(api_key=KEY, body_timeout=READ_TIMEOUT, cors_origins=("https://good.example",))
     app = create_app(Scheduler(engine, max_batch=2, queue_size=4), settings)
     with LiveServer(app, http=header_deadline_protocol(READ_TIMEOUT), timeout_keep_alive=1) as url:
         yield url
@@ -158,3 +159,72 @@ def test_the_bearer_scheme_is_case_insensitive(server):
     for value in [f"Basic {KEY}", f"Bearer{KEY}", f"Bearer {KEY}x", "bearer", KEY]:
         response = httpx.get(server + "/v1/models", headers={"Authorization": value})
         assert assert_error(response, 401)["code"] == "invalid_api_key", value
+
+
+# ---- the reply's room without max_tokens ----------------------------------------------------------------
+
+
+def prompt_of(engine: Engine, tokens: int) -> list[dict]:
+    """A one-message conversation whose prompt is `tokens` tokens long."""
+    for words in range(tokens):
+        for pad in range(8):
+            messages = [{"role": "user", "content": "word " * words + " q" * pad}]
+            if len(engine.tokenizer.render_for_completion(messages)) == tokens:
+                return messages
+    raise AssertionError(f"no prompt of {tokens} tokens")
+
+
+def test_without_max_tokens_a_long_prompt_gets_the_room_that_is_left(engine, server):
+    assert engine.context_len == 512 and engine.reply_budget() == 256
+    messages = prompt_of(engine, 305)  # 305 + the default 256 > 512, but 207 tokens are left for the reply
+    kept, prompt = engine.fit_conversation(messages)
+    assert kept == messages and len(prompt) == 305 and engine.reply_tokens(prompt) == 207
+    reply = post(server, "/v1/chat/completions", {"messages": messages, "temperature": 0}, timeout=120)
+    assert reply.status_code == 200, reply.text
+    usage = reply.json()["usage"]
+    assert usage["prompt_tokens"] == 305 and usage["completion_tokens"] <= 207
+    # An explicit max_tokens is a promise: it must fit.
+    refused = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 256})
+    assert assert_error(refused, 400, "max_tokens 256")["code"] == "context_length_exceeded"
+    # Without one, at least MIN_REPLY_TOKENS must be left.
+    assert engine_module.MIN_REPLY_TOKENS == 32
+    crowded = post(server, "/v1/chat/completions", {"messages": prompt_of(engine, 512 - 31)})
+    assert assert_error(crowded, 400, "fewer than 32 tokens")["code"] == "context_length_exceeded"
+    assert (
+        post(server, "/v1/chat/completions", {"messages": prompt_of(engine, 480), "max_tokens": 1}).status_code == 200
+    )
+
+
+# ---- error messages and codes ---------------------------------------------------------------------------
+
+
+def test_a_non_finite_temperature_or_top_p_is_said_to_be_one(server):
+    for field in ["temperature", "top_p"]:
+        for value in ["NaN", "Infinity", "-Infinity"]:
+            body = f'{{"messages": [{{"role": "user", "content": "hi"}}], "{field}": {value}}}'
+            error = assert_error(post(server, "/v1/chat/completions", body), 400, "finite number")
+            assert error["param"] == field and error["code"], (field, value)
+
+
+def test_every_error_carries_a_code(server, strict_server):
+    big = {"messages": [{"role": "user", "content": "x" * 2_000_000}]}
+    cases = [
+        (httpx.get(server + "/no/such/path", headers={"Authorization": f"Bearer {KEY}"}), 404),
+        (httpx.put(server + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}), 405),
+        (httpx.get(server + "/v1/models"), 401),
+        (post(server, "/v1/chat/completions", {"messages": HELLO, "n": 100}), 400),
+        (post(server, "/v1/chat/completions", {"messages": HELLO, "logprobs": True}), 400),
+        (post(server, "/v1/chat/completions", {"messages": [*HELLO, {"role": "system", "content": "x"}]}), 400),
+        (post(server, "/v1/chat/completions", {"messages": HELLO, "stop": ["x"] * 9}), 400),
+        (post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image"}]}]}),
+         400),
+        (post(server, "/v1/completions", {"prompt": [], "max_tokens": 1}), 400),
+        (post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 0}), 400),
+        (post(server, "/v1/chat/completions", "{not json"), 400),
+        (post(server, "/v1/chat/completions", big), 413),
+        (httpx.options(strict_server + "/v1/models", headers={"Origin": "https://evil.example",
+                                                              "Access-Control-Request-Method": "POST"}), 400),
+    ]  # fmt: skip
+    for response, status in cases:
+        error = assert_error(response, status)
+        assert isinstance(error["code"], str) and error["code"], (status, error)

@@ -40,14 +40,13 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware import Middleware
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from picochat.common import PicochatError, warn
-from picochat.serve.guard import Guard
+from picochat.serve.guard import Guard, JsonCORSMiddleware
 from picochat.serve.hosts import LOOPBACK_HOSTS, HostCheck
 from picochat.serve.protocol import (
     ERROR_RESPONSES,
@@ -200,7 +199,7 @@ def create_app(scheduler: Scheduler, settings: ServeSettings | None = None) -> F
 
     middleware = [Middleware(Guard, settings=settings, metrics=metrics, public_paths=PUBLIC_PATHS)]
     if settings.cors_origins:  # outside the guard, so that even a 401 or 413 carries the CORS headers
-        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+        middleware.insert(0, Middleware(JsonCORSMiddleware, allow_origins=list(settings.cors_origins),
                                         allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
                                         expose_headers=["X-Picochat-Dropped-Messages"], max_age=600))  # fmt: skip
     # Outermost: a request for another host (DNS rebinding) gets no further, not even a CORS answer.
@@ -358,24 +357,27 @@ def create_app(scheduler: Scheduler, settings: ServeSettings | None = None) -> F
                            param="messages", code="messages_too_long")  # fmt: skip
         return messages
 
-    def chat_prompt(messages: list[dict], max_tokens: int) -> tuple[list[int], int]:
-        """(prompt, messages dropped to fit the context). Runs in the thread pool (tokenizing is work)."""
-        asked = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+    def chat_prompt(messages: list[dict], max_tokens: int, asked: bool) -> tuple[list[int], int]:
+        """(prompt, messages dropped to fit the context). Runs in the thread pool (tokenizing is work). A
+        max_tokens the client did not ask for may shrink to what the context leaves (Engine.fit_conversation)."""
+        question = messages[:-1] if messages[-1]["role"] == "assistant" else messages
         try:
-            kept, prompt = engine.fit_conversation(messages, max_tokens)
+            kept, prompt = engine.fit_conversation(messages, max_tokens, shrink_reply=not asked)
         except PicochatError as error:
             code = "context_length_exceeded" if "context" in str(error) else "invalid_conversation"
             raise ApiError(400, str(error), param="messages", code=code) from None
-        return prompt, len(asked) - len(kept)
+        return prompt, len(question) - len(kept)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERROR_RESPONSES, **STREAM_RESPONSE})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         if body.logprobs:
             raise ApiError(400, "logprobs are available on /v1/completions, not on chat", param="logprobs")
         messages = conversation(body)
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(engine.reply_budget(), max_tokens_limit)
+        asked = body.max_completion_tokens or body.max_tokens
+        max_tokens = asked or min(engine.reply_budget(), max_tokens_limit)
         sampling = sampling_settings(body, max_tokens)
-        prompt, dropped = await run_in_threadpool(chat_prompt, messages, max_tokens)
+        prompt, dropped = await run_in_threadpool(chat_prompt, messages, max_tokens, asked is not None)
+        sampling["max_tokens"] = min(max_tokens, context_len - len(prompt))  # not asked: what the context leaves
         submission = submit(GenerationJob(prompt=prompt, **sampling))
         headers = {"X-Picochat-Dropped-Messages": str(dropped)}
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())

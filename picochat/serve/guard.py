@@ -5,6 +5,9 @@ The API key is checked as RFC 6750 says: `Authorization: Bearer <key>`, the sche
 works too, as RFC 9110 makes scheme names case-insensitive). A client must send its whole body within
 body_timeout seconds of the headers (408 otherwise): a slow-drip body would otherwise hold its connection and
 its memory forever (the headers' own deadline is in deadlines.py).
+
+JsonCORSMiddleware is Starlette's CORS middleware whose refused preflight is a JSON error with a code, like every
+other error of the server, not plain text.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import asyncio
 import hmac
 import math
 import time
+
+from starlette.middleware.cors import CORSMiddleware
 
 from picochat.serve.protocol import error_response
 
@@ -123,3 +128,14 @@ def _replay(body: bytes, receive):
         return await receive()
 
     return replay
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    def preflight_response(self, request_headers):
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        keep = {name: value for name, value in response.headers.items()
+                if name.lower() not in ("content-type", "content-length")}  # fmt: skip
+        return error_response(response.status_code, response.body.decode("utf-8", "replace"), code="cors_refused",
+                              headers=keep)  # fmt: skip
