@@ -3,11 +3,14 @@ does for every chat request before it queues it.
 
 After the linear fit (context_fit.py) the 499-message case took 6 ms (before: 1,347 ms), on shared cores.
 
-The case is issue 20's: a system message and 498 alternating user/assistant messages (499 in all, the server's
-default limits allow 500 messages and 32,000 characters), about 38 KB as a JSON request body, in a context of
-2,048 tokens with the default reply budget, so that all but the last few exchanges must be dropped. The text is
-real Wikipedia prose (from $PICOCHAT_DATA_DIR) cut into 64-character messages, tokenized by a BPE of 8,192 tokens
-trained on other articles of the same shard (its tokens per character are close to a real run's).
+The case is issue 20's: a system message and 498 alternating user/assistant messages (499 in all; the server's
+default limits allow 500 messages and 32,000 characters), about 48 KB as a compact JSON body (issue 20's had 38
+KB), in a context of 2,048 tokens with the default reply budget, so that all but the last few exchanges must be
+dropped. The text is real Wikipedia prose (from $PICOCHAT_DATA_DIR) cut into 64-character messages, tokenized by a
+BPE of 8,192 tokens trained on other articles of the same shard (its tokens per character are close to a real
+run's). Then the same 499 messages behind hostile system messages, whose tail has no letter/digit boundary (the
+one case where each candidate first message re-encodes that tail, see context_fit.py): 1,500 spaces, 3,000
+newlines, 300 emoji.
 
 Reports the median wall time and CPU time of --repeats fits, the messages kept and the prompt's length. Prints a
 line per size (the cost should grow linearly), then ONE JSON line.
@@ -36,10 +39,13 @@ CONTEXT = 2048
 MESSAGE_CHARS = 64
 
 
-def conversation(text: str, messages: int) -> list[dict]:
+HOSTILE_SYSTEMS = {"1500 spaces": " " * 1500, "3000 newlines": "\n" * 3000, "300 emoji": "\U0001f600" * 300}
+
+
+def conversation(text: str, messages: int, system: str = "You are a helpful assistant. Answer briefly.") -> list[dict]:
     """A system message, then user/assistant messages of MESSAGE_CHARS characters each, ending with a user one."""
     pieces = [text[i : i + MESSAGE_CHARS] for i in range(0, MESSAGE_CHARS * messages, MESSAGE_CHARS)]
-    chat = [{"role": "system", "content": "You are a helpful assistant. Answer briefly."}]
+    chat = [{"role": "system", "content": system}]
     for index in range(messages - 1):
         chat.append({"role": "user" if index % 2 == 0 else "assistant", "content": pieces[index]})
     return chat
@@ -87,10 +93,15 @@ def main() -> None:
               f"{row['cpu_ms_median']} ms CPU; kept {row['kept_messages']}, prompt {row['prompt_tokens']} tokens",
               flush=True)  # fmt: skip
     largest = rows[-1]
+    for name, system in HOSTILE_SYSTEMS.items():
+        row = {"system": name, **measure(engine, conversation(text, largest["messages"], system), args.repeats)}
+        rows.append(row)
+        print(f"{row['messages']} messages behind a system message of {name}: {row['wall_ms_median']} ms wall; kept "
+              f"{row['kept_messages']}, prompt {row['prompt_tokens']} tokens", flush=True)  # fmt: skip
     print(json.dumps({
         "benchmark": "fit_conversation", "device": "cpu", "cpu": platform.processor() or platform.machine(),
         "shared_cpu": args.shared_cpu, "context": CONTEXT, "repeats": args.repeats, "results": rows,
-        "largest_wall_ms": largest["wall_ms_median"], "under_50_ms": largest["wall_ms_median"] < 50,
+        "largest_wall_ms": largest["wall_ms_median"], "under_50_ms": max(r["wall_ms_median"] for r in rows) < 50,
     }))  # fmt: skip
 
 
