@@ -21,7 +21,8 @@ How one generation runs (Engine.generate):
   exactly, because that model casts the very same weights on the fly.
 - Context: a prompt plus max_tokens must fit the model's context (sequence_len). Raw token prompts that do not are
   refused with a clear error; chat conversations drop their oldest exchanges first, with a notice
-  (fit_conversation).
+  (fit_conversation, linear in the conversation's length: context_fit.py). Without an explicit max_tokens a chat
+  reply is given what the context leaves, up to 256 tokens, if that is at least MIN_REPLY_TOKENS.
 - Streaming: StreamDecoder turns token ids into text through an incremental UTF-8 decoder over the tokens' raw bytes,
   so a character split across tokens is never printed as garbage, and special tokens are never printed: they only
   switch between text, tool call and tool output.

@@ -5,7 +5,8 @@ Endpoints
                                 client: one API, not two)
     GET  /v1/models             the one model served
     POST /v1/chat/completions   messages -> reply; stream (SSE chunks, then `data: [DONE]`), temperature, top_p,
-                                top_k (extension), max_tokens, stop, seed, n, stream_options.include_usage
+                                top_k (extension), max_tokens (default: 256 or what the context leaves, at least
+                                32), stop, seed, n, stream_options.include_usage
     POST /v1/completions        raw prompts (text or token ids); max_tokens (0 with echo), logprobs, echo: enough
                                 for log-likelihood evaluation clients
     GET  /health                liveness and load, no key needed
