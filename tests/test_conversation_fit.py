@@ -22,7 +22,7 @@ CONTEXT = 256
 # combining marks, whitespace runs.
 PIECES = ["word", "Words", " the", "it's", "'ll", "'S", "123", "4567", "x9", ".", "!?", " .", ",", "\n",
           "\n\n", "  ", "\t", " ", "é", "e\u0301", "你好", "。", "😀", "😀😀", "Ω", "—", "'", "\r\n", "x", "0",
-          "ſ"]  # fmt: skip
+          "ſ", "\ud800", "\U0001f600\u200d"]  # fmt: skip
 
 
 def reference_fit(engine: Engine, messages: list[dict], max_tokens: int) -> tuple[list[dict], list[int], int]:
