@@ -1,8 +1,10 @@
-"""What the server tests share: a live uvicorn server on 127.0.0.1 in a thread, and raw HTTP helpers for what a
-client library would refuse to send."""
+"""What the server tests share: a live uvicorn server on 127.0.0.1 in a thread, raw HTTP helpers for what a
+client library would refuse to send, and slow clients on raw sockets."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 
@@ -47,3 +49,36 @@ def assert_error(response: httpx.Response, status: int, text: str = "") -> dict:
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and text in error["message"]
     return error
+
+
+def trickling_clients(url: str, count: int, start: bytes, seconds: float = 6.0) -> list[tuple[bytes, float]]:
+    """`count` connections that send `start`, then one more byte every 0.1 s until the server closes them (or
+    `seconds` pass): per connection, what the server answered and when it closed, in seconds from the start."""
+    host, port = url.removeprefix("http://").split(":")
+    sockets = [socket.create_connection((host, int(port)), timeout=5) for _ in range(count)]
+    began, answers, closed = time.monotonic(), [b""] * count, [None] * count
+    for connection in sockets:
+        connection.sendall(start)
+        connection.settimeout(0.01)
+    while None in closed and time.monotonic() - began < seconds:
+        for i, connection in enumerate(sockets):
+            if closed[i] is not None:
+                continue
+            try:
+                connection.sendall(b"x")
+                while chunk := connection.recv(65536):
+                    answers[i] += chunk
+                closed[i] = time.monotonic() - began  # recv() gave b"": the server closed it
+            except TimeoutError:
+                pass
+            except OSError:  # reset or broken pipe: closed too
+                closed[i] = time.monotonic() - began
+        time.sleep(0.1)
+    for connection in sockets:
+        connection.close()
+    return list(zip(answers, closed))
+
+
+def json_error(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]

@@ -18,7 +18,7 @@ import openai
 import pytest
 import torch
 from helpers import lively_model
-from serving import HELLO, KEY, LiveServer, assert_error, post
+from serving import HELLO, KEY, LiveServer, assert_error, json_error, post, trickling_clients
 
 import picochat
 from picochat.attention import SlotKVCache
@@ -522,7 +522,7 @@ def test_picochat_serve_command_serves_and_never_logs_messages(run_dir, tmp_path
         port = probe.getsockname()[1]
     environment = {**os.environ, "PICOCHAT_API_KEY": KEY, "PICOCHAT_NO_PROGRESS": "1"}
     command = [sys.executable, "-m", "picochat", "serve", "--run-dir", str(run_dir), "--port", str(port),
-               "--max-batch", "2"]  # fmt: skip
+               "--max-batch", "2", "--read-timeout", "2"]  # fmt: skip
     log = tmp_path / "serve.log"
     with open(log, "wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
@@ -543,6 +543,12 @@ def test_picochat_serve_command_serves_and_never_logs_messages(run_dir, tmp_path
         too_long = {"messages": [{"role": "user", "content": secret * 500}]}
         assert post(url, "/v1/chat/completions", too_long).status_code == 400
         assert post(url, "/v1/chat/completions", {"messages": HELLO}, key=None).status_code == 401
+        # The command's own guards: the Host check and the headers' deadline (test_serve_guards.py has the rest).
+        assert (
+            httpx.get(url + "/health", headers={"Host": "attacker.example"}).json()["error"]["code"] == "invalid_host"
+        )
+        ((answer, closed),) = trickling_clients(url, 1, b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
+        assert json_error(answer)[0] == 408 and closed < 5
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) in (0, 130)

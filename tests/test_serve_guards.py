@@ -4,14 +4,13 @@ model behind a live server on 127.0.0.1, as in test_serve_api.py."""
 
 from __future__ import annotations
 
-import json
-import socket
+import argparse
 import time
 
 import httpx
 import pytest
 from helpers import lively_model
-from serving import HELLO, KEY, LiveServer, assert_error, post
+from serving import HELLO, KEY, LiveServer, assert_error, json_error, post, trickling_clients
 
 from picochat import engine as engine_module
 from picochat.cli import main
@@ -87,39 +86,6 @@ def strict_server(engine):
     app = create_app(Scheduler(engine, max_batch=2, queue_size=4), settings)
     with LiveServer(app, http=header_deadline_protocol(READ_TIMEOUT), timeout_keep_alive=1) as url:
         yield url
-
-
-def trickling_clients(url: str, count: int, start: bytes, seconds: float = 6.0) -> list[tuple[bytes, float]]:
-    """`count` connections that send `start`, then one more byte every 0.1 s until the server closes them (or
-    `seconds` pass): per connection, what the server answered and when it closed, in seconds from the start."""
-    host, port = url.removeprefix("http://").split(":")
-    sockets = [socket.create_connection((host, int(port)), timeout=5) for _ in range(count)]
-    began, answers, closed = time.monotonic(), [b""] * count, [None] * count
-    for connection in sockets:
-        connection.sendall(start)
-        connection.settimeout(0.01)
-    while None in closed and time.monotonic() - began < seconds:
-        for i, connection in enumerate(sockets):
-            if closed[i] is not None:
-                continue
-            try:
-                connection.sendall(b"x")
-                while chunk := connection.recv(65536):
-                    answers[i] += chunk
-                closed[i] = time.monotonic() - began  # recv() gave b"": the server closed it
-            except TimeoutError:
-                pass
-            except OSError:  # reset or broken pipe: closed too
-                closed[i] = time.monotonic() - began
-        time.sleep(0.1)
-    for connection in sockets:
-        connection.close()
-    return list(zip(answers, closed))
-
-
-def json_error(answer: bytes) -> tuple[int, dict]:
-    head, _, body = answer.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)["error"]
 
 
 def test_clients_that_trickle_their_headers_are_timed_out_and_others_still_served(strict_server):
@@ -228,3 +194,17 @@ def test_every_error_carries_a_code(server, strict_server):
     for response, status in cases:
         error = assert_error(response, status)
         assert isinstance(error["code"], str) and error["code"], (status, error)
+
+
+def test_a_wildcard_bind_answers_any_host_with_a_warning_unless_names_are_given(monkeypatch):
+    from picochat.stages import serve as serve_stage
+
+    warnings = []
+    monkeypatch.setattr(serve_stage, "warn", warnings.append)
+    parser = argparse.ArgumentParser()
+    serve_stage.add_arguments(parser)
+    settings = serve_stage._settings(parser.parse_args(["--host", "0.0.0.0", "--api-key", KEY]))
+    assert settings.allowed_hosts is None and any("--allowed-host" in w for w in warnings)
+    warnings.clear()
+    args = parser.parse_args(["--host", "0.0.0.0", "--api-key", KEY, "--allowed-host", "chat.example.org"])
+    assert "chat.example.org" in serve_stage._settings(args).allowed_hosts and not warnings
