@@ -21,7 +21,8 @@ How one generation runs (Engine.generate):
   exactly, because that model casts the very same weights on the fly.
 - Context: a prompt plus max_tokens must fit the model's context (sequence_len). Raw token prompts that do not are
   refused with a clear error; chat conversations drop their oldest exchanges first, with a notice
-  (fit_conversation).
+  (fit_conversation, linear in the conversation's length: context_fit.py). Without an explicit max_tokens a chat
+  reply is given what the context leaves, up to 256 tokens, if that is at least MIN_REPLY_TOKENS.
 - Streaming: StreamDecoder turns token ids into text through an incremental UTF-8 decoder over the tokens' raw bytes,
   so a character split across tokens is never printed as garbage, and special tokens are never printed: they only
   switch between text, tool call and tool output.
@@ -38,10 +39,14 @@ import torch
 
 from picochat.attention import KVCache
 from picochat.common import PicochatError, warn
+from picochat.context_fit import fit_messages
 from picochat.tools import calculator
 
 FINISHED = -1  # the token reported for a row that finished at an earlier step
 DEFAULT_REPLY_TOKENS = 256  # a chat reply's default length (the reference's chat CLI)
+# Without an explicit max_tokens, a conversation whose last message leaves less than DEFAULT_REPLY_TOKENS is still
+# answered if this many are left (the reply gets what is left): a 305-token prompt in a 512 context fits.
+MIN_REPLY_TOKENS = 32
 
 # ----------------------------------------------------------------------------------------------------------
 # Weights in the compute dtype
@@ -114,11 +119,11 @@ def sample_next_token(
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Sampling settings come from users (flags, chat commands, API calls): wrong ones are PicochatErrors."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < 1e6:
-        raise PicochatError(f"temperature {temperature!r}: expected a number >= 0 (0 = greedy)")
+        raise PicochatError(f"temperature {temperature!r}: expected a finite number >= 0 (0 = greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise PicochatError(f"top_k {top_k!r}: expected a positive integer (or None for no limit)")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise PicochatError(f"top_p {top_p!r}: expected a number in (0, 1] (or None for no limit)")
+        raise PicochatError(f"top_p {top_p!r}: expected a finite number in (0, 1] (or None for no limit)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -458,27 +463,44 @@ class Engine:
             )
         return max_tokens
 
-    def fit_conversation(self, messages: list[dict], max_tokens: int | None = None) -> tuple[list[dict], list[int]]:
+    def reply_tokens(self, prompt: Sequence[int], max_tokens: int | None = None) -> int:
+        """The most tokens a reply to `prompt` may have: max_tokens if given, else reply_budget() or what the
+        context leaves after the prompt, if that is less."""
+        if max_tokens is not None:
+            return self.reply_budget(max_tokens)
+        return max(1, min(self.reply_budget(), self.context_len - len(prompt)))
+
+    def fit_conversation(
+        self, messages: list[dict], max_tokens: int | None = None, *, shrink_reply: bool | None = None
+    ) -> tuple[list[dict], list[int]]:
         """The messages that fit and the prompt for the next assistant reply: while prompt + max_tokens does not
         fit the context, the oldest user/assistant exchange is dropped (a leading system message stays), with a
-        notice. If even the last user message does not fit, that is an error."""
+        notice. If even the last user message does not fit, that is an error -- unless shrink_reply (the default
+        when max_tokens is None, i.e. reply_budget()): then it is enough that MIN_REPLY_TOKENS are left for the
+        reply (reply_tokens says how many it gets). An explicit max_tokens is a promise the reply can be that long."""
+        if shrink_reply is None:
+            shrink_reply = max_tokens is None
         max_tokens = self.reply_budget(max_tokens)
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise PicochatError("messages: expected a non-empty list of {'role': ..., 'content': ...} objects")
         if messages[-1].get("role") == "assistant":
             messages = messages[:-1]  # the reply to write is the next one; render_for_completion drops it too
-        first = 1 if messages and messages[0].get("role") == "system" else 0
-        prompt = self.tokenizer.render_for_completion(messages)
-        dropped = 0
-        while len(prompt) + max_tokens > self.context_len:
-            if len(messages) - first <= 1:
+        # Linear in the conversation's length, and exactly what re-rendering after each drop would keep.
+        pairs, prompt = fit_messages(self.tokenizer, messages, self.context_len - max_tokens)
+        dropped = 2 * pairs
+        first = 1 if messages[0].get("role") == "system" else 0
+        messages = messages[:first] + messages[first + dropped :]
+        minimum = min(MIN_REPLY_TOKENS, max_tokens) if shrink_reply else max_tokens
+        if len(prompt) + minimum > self.context_len:
+            if shrink_reply:
                 raise PicochatError(
-                    f"the last message makes a prompt of {len(prompt)} tokens; with max_tokens {max_tokens} that "
-                    f"exceeds the model's context of {self.context_len} tokens (shorten it or lower max_tokens)"
+                    f"the last message makes a prompt of {len(prompt)} tokens, which leaves fewer than {minimum} "
+                    f"tokens for the reply in the model's context of {self.context_len} tokens (shorten it)"
                 )
-            messages = messages[:first] + messages[first + 2 :]
-            dropped += 2
-            prompt = self.tokenizer.render_for_completion(messages)
+            raise PicochatError(
+                f"the last message makes a prompt of {len(prompt)} tokens; with max_tokens {max_tokens} that "
+                f"exceeds the model's context of {self.context_len} tokens (shorten it or lower max_tokens)"
+            )
         if dropped:
             warn(
                 f"the conversation does not fit the model's context of {self.context_len} tokens with "
@@ -497,9 +519,10 @@ class Engine:
         seed: int | None = None,
     ) -> Iterator[Piece]:
         """Stream the assistant's reply to a conversation as Pieces (text, tool calls, tool outputs).
-        max_tokens: the most reply tokens (default: reply_budget()); old turns are dropped to make room."""
-        max_tokens = self.reply_budget(max_tokens)
+        max_tokens: the most reply tokens (default: reply_budget(), or what the context leaves after the last
+        message if that is less); old turns are dropped to make room."""
         _, prompt = self.fit_conversation(messages, max_tokens)
+        max_tokens = self.reply_tokens(prompt, max_tokens)
         decoder = StreamDecoder(self.tokenizer)
         steps = self.generate(
             prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
@@ -522,8 +545,8 @@ class Engine:
         seed: int | None = None,
     ) -> list[Completion]:
         """num_samples complete replies to a conversation (settings as for stream_chat)."""
-        max_tokens = self.reply_budget(max_tokens)
         _, prompt = self.fit_conversation(messages, max_tokens)
+        max_tokens = self.reply_tokens(prompt, max_tokens)
         return self.generate_batch(
             prompt, num_samples=num_samples, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed,

@@ -72,6 +72,7 @@ DEFAULT_TRAINER = "rustbpe"
 TOKENIZER_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.safetensors"
 FILE_FORMAT = "picochat-tokenizer"
+SYSTEM_JOINER = "\n\n"  # a system message is merged into the first user message: system + this + user
 
 
 class Tokenizer:
@@ -213,6 +214,16 @@ class Tokenizer:
         """
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise PicochatError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        ids: list[int] = [self.bos_token_id]
+        mask: list[int] = [0]
+        for index, role, content in _conversation_turns(conversation):
+            turn_ids, turn_mask = self._render_turn(index, role, content)
+            ids += turn_ids
+            mask += turn_mask
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def _render_turn(self, index: int, role: str, content: Any) -> tuple[list[int], list[int]]:
+        """Token ids and loss mask of one checked turn (from _conversation_turns)."""
         ids: list[int] = []
         mask: list[int] = []
 
@@ -222,33 +233,40 @@ class Tokenizer:
             mask.extend([supervised] * len(tokens))
 
         special = self.special_token_ids
-        add(self.bos_token_id, 0)
-        for index, role, content in _conversation_turns(conversation):
-            if role == "user":
-                add(special["<|user_start|>"], 0)
-                add(self.encode(content), 0)
-                add(special["<|user_end|>"], 0)
-                continue
-            add(special["<|assistant_start|>"], 0)
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            for part_index, part in enumerate(parts):
-                kind, text = _check_part(part, index, part_index)
-                if kind == "text":
-                    add(self.encode(text), 1)
-                elif kind == "python":
-                    add(special["<|python_start|>"], 1)
-                    add(self.encode(text), 1)
-                    add(special["<|python_end|>"], 1)
-                else:  # python_output
-                    add(special["<|output_start|>"], 0)
-                    add(self.encode(text), 0)
-                    add(special["<|output_end|>"], 0)
-            add(special["<|assistant_end|>"], 1)
-        return ids[:max_tokens], mask[:max_tokens]
+        if role == "user":
+            add(special["<|user_start|>"], 0)
+            add(self.encode(content), 0)
+            add(special["<|user_end|>"], 0)
+            return ids, mask
+        add(special["<|assistant_start|>"], 0)
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for part_index, part in enumerate(parts):
+            kind, text = _check_part(part, index, part_index)
+            if kind == "text":
+                add(self.encode(text), 1)
+            elif kind == "python":
+                add(special["<|python_start|>"], 1)
+                add(self.encode(text), 1)
+                add(special["<|python_end|>"], 1)
+            else:  # python_output
+                add(special["<|output_start|>"], 0)
+                add(self.encode(text), 0)
+                add(special["<|output_end|>"], 0)
+        add(special["<|assistant_end|>"], 1)
+        return ids, mask
 
     def render_for_completion(self, conversation: dict | list) -> list[int]:
         """The prompt that asks the model for the next assistant message: the conversation without its final
         assistant message (if it ends with one), then <|assistant_start|>. Used by evaluations, RL and chat."""
+        ids = [self.bos_token_id]
+        for turn in self.completion_turns(conversation):
+            ids += turn
+        return ids + [self.special_token_ids["<|assistant_start|>"]]
+
+    def completion_turns(self, conversation: dict | list) -> list[list[int]]:
+        """render_for_completion's pieces, checked the same way: the token ids of each turn, without the BOS before
+        them and the <|assistant_start|> after them. A leading system message is part of the first turn. For
+        callers that need each turn's length (fitting a conversation into the context)."""
         messages = _messages_of(conversation)
         if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
             messages = messages[:-1]
@@ -260,8 +278,7 @@ class Tokenizer:
                 f"conversation: message {len(messages) - 1} must be a user message to prompt for an answer, "
                 f"got role {last_role!r}"
             )
-        ids, _ = self.render_conversation(messages, max_tokens=2**62)
-        return ids + [self.special_token_ids["<|assistant_start|>"]]
+        return [self._render_turn(*turn)[0] for turn in _conversation_turns(messages)]
 
     def visualize_tokens(self, ids: Sequence[int], mask: Sequence[int] | None = None) -> str:
         """A plain-text debugging view: tokens separated by "|", supervised tokens (mask 1) wrapped in [[ ]].
@@ -528,7 +545,7 @@ def _conversation_turns(conversation: Any) -> list[tuple[int, str, Any]]:
             raise PicochatError(f"conversation: message 1 must be a user message after the system message, got {found}")
         if not isinstance(turns[1][2], str):
             raise PicochatError("conversation: message 1 (user) content must be a string")
-        turns = [(1, "user", system + "\n\n" + turns[1][2]), *turns[2:]]
+        turns = [(1, "user", system + SYSTEM_JOINER + turns[1][2]), *turns[2:]]
     for position, (index, role, content) in enumerate(turns):
         expected = "user" if position % 2 == 0 else "assistant"
         if role != expected:

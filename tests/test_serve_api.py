@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from helpers import lively_model
+from serving import HELLO, KEY, LiveServer, assert_error, json_error, post, trickling_clients
 
 import picochat
 from picochat.attention import SlotKVCache
@@ -30,8 +30,6 @@ from picochat.gpt import GPT
 from picochat.serve.app import ServeSettings, create_app
 from picochat.serve.scheduler import GenerationJob, Scheduler
 
-KEY = "test-key"
-HELLO = [{"role": "user", "content": "Hello! What is the capital of France?"}]
 SEQUENCE_LEN = 512  # the models' short window is then 128 tokens, shorter than the rows the tests decode
 
 
@@ -55,26 +53,6 @@ def engine(run_dir) -> Engine:
     return Engine(model, tokenizer)
 
 
-class LiveServer:
-    """uvicorn serving `app` on 127.0.0.1 (a free port) in a thread, for the duration of a with-block."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(engine):
     scheduler = Scheduler(engine, max_batch=8, queue_size=16)
@@ -87,21 +65,6 @@ def server(engine):
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-def post(url: str, path: str, body, *, key: str | None = KEY, **kwargs) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    if isinstance(body, (bytes, str)):
-        return httpx.post(url + path, content=body, headers={**headers, "Content-Type": "application/json"}, **kwargs)
-    return httpx.post(url + path, json=body, headers=headers, **kwargs)
-
-
-def assert_error(response: httpx.Response, status: int, text: str = "") -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and text in error["message"]
-    return error
 
 
 # ---- the engine underneath: rows at different positions in one forward ------------------------------------
@@ -559,7 +522,7 @@ def test_picochat_serve_command_serves_and_never_logs_messages(run_dir, tmp_path
         port = probe.getsockname()[1]
     environment = {**os.environ, "PICOCHAT_API_KEY": KEY, "PICOCHAT_NO_PROGRESS": "1"}
     command = [sys.executable, "-m", "picochat", "serve", "--run-dir", str(run_dir), "--port", str(port),
-               "--max-batch", "2"]  # fmt: skip
+               "--max-batch", "2", "--read-timeout", "2"]  # fmt: skip
     log = tmp_path / "serve.log"
     with open(log, "wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
@@ -580,6 +543,12 @@ def test_picochat_serve_command_serves_and_never_logs_messages(run_dir, tmp_path
         too_long = {"messages": [{"role": "user", "content": secret * 500}]}
         assert post(url, "/v1/chat/completions", too_long).status_code == 400
         assert post(url, "/v1/chat/completions", {"messages": HELLO}, key=None).status_code == 401
+        # The command's own guards: the Host check and the headers' deadline (test_serve_guards.py has the rest).
+        assert (
+            httpx.get(url + "/health", headers={"Host": "attacker.example"}).json()["error"]["code"] == "invalid_host"
+        )
+        ((answer, closed),) = trickling_clients(url, 1, b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
+        assert json_error(answer)[0] == 408 and closed < 5
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) in (0, 130)

@@ -5,7 +5,8 @@ Endpoints
                                 client: one API, not two)
     GET  /v1/models             the one model served
     POST /v1/chat/completions   messages -> reply; stream (SSE chunks, then `data: [DONE]`), temperature, top_p,
-                                top_k (extension), max_tokens, stop, seed, n, stream_options.include_usage
+                                top_k (extension), max_tokens (default: 256 or what the context leaves, at least
+                                32), stop, seed, n, stream_options.include_usage
     POST /v1/completions        raw prompts (text or token ids); max_tokens (0 with echo), logprobs, echo: enough
                                 for log-likelihood evaluation clients
     GET  /health                liveness and load, no key needed
@@ -21,15 +22,14 @@ such a parts list, so a conversation round-trips exactly.
 Hardening. Generation runs in the scheduler's worker thread, prompt preparation in a thread pool: the event loop
 only moves bytes. The server binds 127.0.0.1 by default (stages/serve.py); with an API key every path except the
 page and /health needs `Authorization: Bearer <key>`; CORS is off unless origins are listed; bodies, messages,
-characters, max_tokens and n are bounded; every error is JSON in OpenAI's shape {"error": {"message", "type",
+characters, max_tokens and n are bounded; only requests whose Host header names this server are answered
+(hosts.py, against DNS rebinding); every error is JSON in OpenAI's shape {"error": {"message", "type",
 "param", "code"}} with a 4xx status for anything the client can fix; message contents are never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import math
 import time
 import uuid
 from collections import Counter
@@ -41,13 +41,14 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware import Middleware
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from picochat.common import PicochatError, warn
+from picochat.serve.guard import Guard, JsonCORSMiddleware
+from picochat.serve.hosts import LOOPBACK_HOSTS, HostCheck
 from picochat.serve.protocol import (
     ERROR_RESPONSES,
     FINISH_REASONS,
@@ -94,6 +95,7 @@ class ServeSettings:
 
     model_id: str = "picochat"
     api_key: str | None = None
+    allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS  # Host header names answered to; None: any (hosts.py)
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 1_000_000
     max_messages: int = 500
@@ -103,6 +105,7 @@ class ServeSettings:
     max_n: int = 8
     max_prompts: int = 16  # prompts in one /v1/completions request
     request_timeout: float = 300.0  # seconds from arrival until a request is stopped
+    body_timeout: float = 30.0  # seconds a client may take to send a request's body (guard.py)
     rate_limit: int = 0  # generation requests per minute per client address (0: no limit)
     temperature: float = 0.8  # used when a request does not say
     top_k: int | None = 50
@@ -172,111 +175,6 @@ class Metrics:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The guard: one ASGI middleware for the API key, the body limit, security headers and request metrics
-
-
-class RateLimiter:
-    """Per client address, a token bucket: `per_minute` requests of burst, refilled at per_minute / 60 a second.
-    (Behind a reverse proxy every client has the proxy's address: limit there instead.)"""
-
-    def __init__(self, per_minute: int):
-        self.per_minute = per_minute
-        self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, time of the last update)
-
-    def retry_after(self, address: str) -> float:
-        """0 if the request may go ahead (and it is counted), else the seconds until it may."""
-        now, rate = time.monotonic(), self.per_minute / 60
-        tokens, last = self.buckets.get(address, (self.per_minute, now))
-        tokens = min(self.per_minute, tokens + (now - last) * rate)
-        if tokens < 1:
-            self.buckets[address] = (tokens, now)
-            return (1 - tokens) / rate
-        self.buckets[address] = (tokens - 1, now)
-        if len(self.buckets) > 10_000:  # forget clients whose bucket is full again
-            self.buckets = {a: (t, u) for a, (t, u) in self.buckets.items() if t + (now - u) * rate < self.per_minute}
-        return 0.0
-
-
-class Guard:
-    def __init__(self, app, *, settings: ServeSettings, metrics: Metrics):
-        self.app, self.settings, self.metrics = app, settings, metrics
-        self.limiter = RateLimiter(settings.rate_limit) if settings.rate_limit > 0 else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started, path, status = time.monotonic(), scope["path"], [500]
-        endpoint = path if path in ENDPOINTS else "other"
-
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff"),
-                                      (b"referrer-policy", b"no-referrer")]  # fmt: skip
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self.metrics.requests[(endpoint, status[0])] += 1
-                if endpoint in self.metrics.duration:
-                    self.metrics.duration[endpoint].observe(time.monotonic() - started)
-
-        key = self.settings.api_key
-        if key and path not in PUBLIC_PATHS and scope["method"] != "OPTIONS":
-            headers = dict(scope["headers"])
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), key.encode())):
-                response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                          kind="authentication_error", code="invalid_api_key",
-                                          headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-                return await response(scope, receive, send_with_headers)
-        if self.limiter is not None and scope["method"] == "POST" and path.startswith("/v1/"):
-            wait = self.limiter.retry_after((scope.get("client") or ("unknown", 0))[0])
-            if wait > 0:
-                self.metrics.rejected["rate_limit"] += 1
-                response = error_response(429, f"rate limit of {self.settings.rate_limit} requests per minute "
-                                          "reached: retry later", kind="rate_limit_error", code="rate_limit_exceeded",
-                                          headers={"Retry-After": str(math.ceil(wait))})  # fmt: skip
-                return await response(scope, receive, send_with_headers)
-        if scope["method"] in ("POST", "PUT", "PATCH"):
-            body = await self._read_body(receive)
-            if body is None:
-                limit = self.settings.max_body_bytes
-                response = error_response(413, f"request body larger than {limit} bytes", code="body_too_large")
-                return await response(scope, receive, send_with_headers)
-            receive = _replay(body, receive)
-        await self.app(scope, receive, send_with_headers)
-
-    async def _read_body(self, receive) -> bytes | None:
-        """The whole body, or None if it is over the limit (read no further than that)."""
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.settings.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    """A receive() that gives the already-read body once, then listens to the client again (disconnects)."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The app
 
 
@@ -297,11 +195,16 @@ def create_app(scheduler: Scheduler, settings: ServeSettings | None = None) -> F
         finally:
             await run_in_threadpool(scheduler.close)
 
-    middleware = [Middleware(Guard, settings=settings, metrics=metrics)]
-    if settings.cors_origins:  # outermost, so that even a 401 or 413 carries the CORS headers
-        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+    def host_rejected() -> None:
+        metrics.rejected["host"] += 1
+
+    middleware = [Middleware(Guard, settings=settings, metrics=metrics, public_paths=PUBLIC_PATHS)]
+    if settings.cors_origins:  # outside the guard, so that even a 401 or 413 carries the CORS headers
+        middleware.insert(0, Middleware(JsonCORSMiddleware, allow_origins=list(settings.cors_origins),
                                         allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
                                         expose_headers=["X-Picochat-Dropped-Messages"], max_age=600))  # fmt: skip
+    # Outermost: a request for another host (DNS rebinding) gets no further, not even a CORS answer.
+    middleware.insert(0, Middleware(HostCheck, hosts=settings.allowed_hosts, on_reject=host_rejected))
     app = FastAPI(title="picochat", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
                   middleware=middleware)  # fmt: skip
     app.add_exception_handler(RequestValidationError, validation_error_handler)
@@ -393,7 +296,7 @@ def create_app(scheduler: Scheduler, settings: ServeSettings | None = None) -> F
         except QueueFull:
             metrics.rejected["queue_full"] += 1
             raise ApiError(429, "the server is busy (queue full): retry shortly", kind="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None  # fmt: skip
 
     async def batches(request: Request, submission: Submission) -> AsyncIterator[list[Event]]:
         """The submission's events; stops (cancelling it) when the client goes away; a safety net in case
@@ -455,24 +358,27 @@ def create_app(scheduler: Scheduler, settings: ServeSettings | None = None) -> F
                            param="messages", code="messages_too_long")  # fmt: skip
         return messages
 
-    def chat_prompt(messages: list[dict], max_tokens: int) -> tuple[list[int], int]:
-        """(prompt, messages dropped to fit the context). Runs in the thread pool (tokenizing is work)."""
-        asked = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+    def chat_prompt(messages: list[dict], max_tokens: int, asked: bool) -> tuple[list[int], int]:
+        """(prompt, messages dropped to fit the context). Runs in the thread pool (tokenizing is work). A
+        max_tokens the client did not ask for may shrink to what the context leaves (Engine.fit_conversation)."""
+        question = messages[:-1] if messages[-1]["role"] == "assistant" else messages
         try:
-            kept, prompt = engine.fit_conversation(messages, max_tokens)
+            kept, prompt = engine.fit_conversation(messages, max_tokens, shrink_reply=not asked)
         except PicochatError as error:
             code = "context_length_exceeded" if "context" in str(error) else "invalid_conversation"
             raise ApiError(400, str(error), param="messages", code=code) from None
-        return prompt, len(asked) - len(kept)
+        return prompt, len(question) - len(kept)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERROR_RESPONSES, **STREAM_RESPONSE})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         if body.logprobs:
             raise ApiError(400, "logprobs are available on /v1/completions, not on chat", param="logprobs")
         messages = conversation(body)
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(engine.reply_budget(), max_tokens_limit)
+        asked = body.max_completion_tokens or body.max_tokens
+        max_tokens = asked or min(engine.reply_budget(), max_tokens_limit)
         sampling = sampling_settings(body, max_tokens)
-        prompt, dropped = await run_in_threadpool(chat_prompt, messages, max_tokens)
+        prompt, dropped = await run_in_threadpool(chat_prompt, messages, max_tokens, asked is not None)
+        sampling["max_tokens"] = min(max_tokens, context_len - len(prompt))  # not asked: what the context leaves
         submission = submit(GenerationJob(prompt=prompt, **sampling))
         headers = {"X-Picochat-Dropped-Messages": str(dropped)}
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -592,5 +498,3 @@ def create_app(scheduler: Scheduler, settings: ServeSettings | None = None) -> F
         return JSONResponse(reply.model_dump())
 
     return app
-
-

@@ -45,8 +45,9 @@ class SamplingRequest(BaseModel):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    # allow_inf_nan=False: NaN fails every comparison, so ge/le alone would report it as "should be <= 2".
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0, le=1_000_000, description="picochat extension: 0 = no limit")
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
@@ -151,7 +152,7 @@ class ErrorDetail(BaseModel):
     message: str
     type: str
     param: str | None = None
-    code: str | None = None
+    code: str  # never null: error_response gives every error one
 
 
 class ErrorResponse(BaseModel):
@@ -194,8 +195,17 @@ class ApiError(Exception):
         )  # fmt: skip
 
 
+# The code of an error that names none: every error body has a non-null code a client can switch on.
+_STATUS_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+                 408: "request_timeout", 413: "body_too_large", 429: "rate_limit_exceeded",
+                 499: "client_closed_request", 500: "internal_error", 503: "unavailable", 504: "timeout"}  # fmt: skip
+
+
 def error_response(status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None, headers: dict | None = None) -> JSONResponse:  # fmt: skip
+    """An error in OpenAI's shape. Without a code: "invalid_value" for a 400 naming a param, else one by status."""
+    if code is None:
+        code = "invalid_value" if status == 400 and param else _STATUS_CODES.get(status, f"http_{status}")
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -217,7 +227,6 @@ def validation_error_handler(request: Request, error: RequestValidationError) ->
         return error_response(400, "the request body is not valid JSON", code="invalid_json")
     message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid request"))
     return error_response(400, message, param=param, code=str(first.get("type", "invalid_value")))
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -394,5 +403,9 @@ class CompletionAssembly:
     def logprobs(self, start: int = 0) -> CompletionLogprobs | None:
         if not self.want:
             return None
-        return CompletionLogprobs(tokens=self.tokens[start:], token_logprobs=self.token_logprobs[start:],
-                                  top_logprobs=self.top_logprobs[start:], text_offset=self.text_offset[start:])
+        return CompletionLogprobs(
+            tokens=self.tokens[start:],
+            token_logprobs=self.token_logprobs[start:],
+            top_logprobs=self.top_logprobs[start:],
+            text_offset=self.text_offset[start:],
+        )

@@ -3,7 +3,9 @@
     picochat serve --run myrun                 # http://127.0.0.1:8000  (page at /, API under /v1)
     picochat serve --run myrun --host 0.0.0.0 --api-key "$KEY" --cors-origin https://my.site
 
-Safe by default: it listens on 127.0.0.1 only; a public --host without an API key gets a warning. The key can come
+Safe by default: it listens on 127.0.0.1 only and answers only requests whose Host header is one of its own
+names (against DNS rebinding; --allowed-host adds one, serve/hosts.py says what 0.0.0.0 does); a public --host
+without an API key gets a warning. The key can come
 from $PICOCHAT_API_KEY instead of the command line (so it does not show in process lists). Concurrent requests are
 decoded together (continuous batching, --max-batch rows); beyond that they wait in a bounded queue (--queue-size,
 then HTTP 429); each client address may start --rate-limit generations a minute. Message contents are never logged.
@@ -23,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best present)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (8000; 0 picks a free one)")
+    parser.add_argument(
+        "--allowed-host", action="append", default=[],
+        help="also answer requests whose Host header is this name, e.g. behind a proxy (repeatable; default: "
+        "the names of --host only: 127.0.0.1, localhost, [::1] on loopback; any on 0.0.0.0 / ::)",
+    )  # fmt: skip
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $PICOCHAT_API_KEY, or none)")
     parser.add_argument(
         "--cors-origin", action="append", default=[], help="allow this web origin to call the API (repeatable; none)"
@@ -30,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="rows decoded together (16)")
     parser.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a row (64), then 429")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may take (300)")
+    parser.add_argument(
+        "--read-timeout", type=float, default=30.0,
+        help="seconds a client may take to send a request's headers, and again its body (30); then 408",
+    )  # fmt: skip
     parser.add_argument(
         "--rate-limit", type=int, default=120, help="generation requests per minute per client address, 0 = off (120)"
     )
@@ -50,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     from picochat.engine import check_sampling
     from picochat.serve.app import create_app
+    from picochat.serve.deadlines import header_deadline_protocol
     from picochat.serve.scheduler import Scheduler
     from picochat.stages.chat import load_engine
 
@@ -64,14 +76,17 @@ def run(args: argparse.Namespace) -> int:
         f"batch {args.max_batch} rows, queue {args.queue_size}; http://{_url_host(args.host)}:{args.port}/"
     )
     # On Ctrl-C, streams still open get 5 s to finish, then they are cut (their generations stop with them).
+    # Slow clients: headers within --read-timeout (deadlines.py), idle kept-alive connections closed after 5 s.
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, server_header=False,
-                timeout_graceful_shutdown=5)  # fmt: skip
+                timeout_graceful_shutdown=5, timeout_keep_alive=5,
+                http=header_deadline_protocol(args.read_timeout))  # fmt: skip
     return 0
 
 
 def _settings(args: argparse.Namespace):
     """ServeSettings from the flags, after checking them (mistakes are one-line errors)."""
     from picochat.serve.app import ServeSettings
+    from picochat.serve.hosts import accepted_hosts
 
     positive = ["max_batch", "queue_size", "max_n", "max_messages", "max_message_chars", "max_total_chars",
                 "max_body_bytes"]  # fmt: skip
@@ -80,8 +95,11 @@ def _settings(args: argparse.Namespace):
             raise PicochatError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise PicochatError(f"--max-tokens-limit {args.max_tokens_limit}: expected a positive integer")
-    if not args.request_timeout > 0:
-        raise PicochatError(f"--request-timeout {args.request_timeout}: expected a positive number of seconds")
+    for name in ("request_timeout", "read_timeout"):
+        if not 0 < getattr(args, name) < 1e6:  # (also refuses nan and inf)
+            raise PicochatError(
+                f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number of seconds"
+            )
     if not 0 <= args.port <= 65535:
         raise PicochatError(f"--port {args.port}: expected 0 to 65535")
     if args.rate_limit < 0:
@@ -92,10 +110,15 @@ def _settings(args: argparse.Namespace):
         if origin == "*" or not origin.startswith(("http://", "https://")):
             raise PicochatError(f"--cors-origin {origin!r}: expected one origin like https://example.com (no '*')")
     api_key = args.api_key or os.environ.get("PICOCHAT_API_KEY") or None
+    allowed_hosts = accepted_hosts(args.host, tuple(args.allowed_host))
+    if allowed_hosts is None:
+        warn(f"listening on {args.host}: requests for any Host name are answered; name this server's public names "
+             "with --allowed-host to refuse the others (DNS rebinding)")  # fmt: skip
     if not _is_loopback(args.host) and not api_key:
         warn(f"listening on {args.host} without an API key: anyone who can reach this port can use the model")
     return ServeSettings(
         api_key=api_key,
+        allowed_hosts=allowed_hosts,
         cors_origins=tuple(args.cors_origin),
         max_body_bytes=args.max_body_bytes,
         max_messages=args.max_messages,
@@ -104,6 +127,7 @@ def _settings(args: argparse.Namespace):
         max_tokens_limit=args.max_tokens_limit,
         max_n=args.max_n,
         request_timeout=args.request_timeout,
+        body_timeout=args.read_timeout,
         rate_limit=args.rate_limit,
         temperature=args.temperature,
         top_k=args.top_k or None,
