@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 
 from picochat.checkpoint import Checkpoint, save_checkpoint
-from picochat.common import PicochatError, atomic_write_text, log, progress, warn
+from picochat.common import PicochatError, atomic_write_text, compile_backend, log, progress, warn
 from picochat.evaluation.bpb import evaluate_bpb
 from picochat.hardware import Distributed, is_distributed, peak_flops, peak_memory_bytes
 
@@ -276,7 +276,9 @@ class Trainer:
     def run(self) -> int:
         """Train to num_iterations (or until stopped by a signal or the data ending). Returns the last step."""
         settings = self.settings
-        self.train_model = torch.compile(self.model, dynamic=False) if settings.compile else self.model
+        self.train_model = self.model
+        if settings.compile:
+            self.train_model = torch.compile(self.model, dynamic=False, backend=compile_backend())
         loaders = self._loaders(self.make_train_loader, state=self.loader_state)
         self._open_metrics()
         restore_signals = self._install_signal_handlers()

@@ -115,7 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "taken from the run's config.json")
     where.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     where.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile the model (default: on for CUDA, off elsewhere)")
+                       help="torch.compile the model and the optimizer updates (default: on for CUDA, off "
+                            "elsewhere)")
     where.add_argument("--wandb-run", help="also log to Weights & Biases under this run name (needs wandb)")
     where.add_argument("--seed", type=non_negative_int, help="seed for the initial weights (42)")
 
@@ -313,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
         model = GPT.build(GPTConfig.from_dict(plan["model_config"]), device)
         optimizer = model.setup_optimizer(
             unembedding_lr=plan["unembedding_lr"], embedding_lr=plan["embedding_lr"], matrix_lr=plan["matrix_lr"],
-            weight_decay=plan["weight_decay"], scalar_lr=plan["scalar_lr"],
+            weight_decay=plan["weight_decay"], scalar_lr=plan["scalar_lr"], compile=use_compile,
         )  # fmt: skip
         settings = TrainSettings(
             total_batch_size=plan["total_batch_size"], device_batch_size=flags["device_batch_size"],
