@@ -424,6 +424,8 @@ class Trainer:
             "peak_memory_bytes": peak_memory_bytes(self.ranks.device),
             "training_seconds": round(self.training_seconds, 3),
         }
+        if settings.compile:
+            metrics["compiled_graphs"] = compiled_graph_count()
         return next_batch, metrics
 
     # ---- evaluation and samples ------------------------------------------------------------------------
@@ -577,6 +579,17 @@ class Trainer:
                 signal.signal(sig, old)
 
         return restore
+
+
+def compiled_graph_count() -> int | None:
+    """Graphs torch.compile has produced in this process so far (every recompile adds one). The first step compiles
+    the model and one update function per parameter shape; a count that still grows after it means something
+    recompiles every few steps, which on a GPU costs far more than it saves."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # a torch without Dynamo's counters: not reported
+        return None
+    return int(counters["stats"]["unique_graphs"])
 
 
 def read_metrics(stage_dir: str | os.PathLike) -> list[dict[str, Any]]:
