@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from picochat import common
 from picochat.attention import KVCache, RowPositions, SlotKVCache, attention
 from picochat.common import PicochatError
+from picochat.fp8 import fp8_linear
 from picochat.loss import SOFTCAP, softcapped_cross_entropy
 
 ROPE_BASE = 100_000
@@ -164,12 +165,21 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """A bias-free Linear whose fp32 master weight is cast to the activation dtype at use."""
+    """A bias-free Linear whose fp32 master weight is cast to the activation dtype at use.
+
+    fp8: set by fp8.enable_fp8 (`--fp8`) on the large matrices; then training-mode calls with gradients on multiply
+    in FP8 (picochat/fp8.py). Evaluation and inference never do, and the weights are the same either way."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.fp8 = False
+
+    def uses_fp8(self) -> bool:
+        return self.fp8 and self.training and torch.is_grad_enabled()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_fp8():
+            return fp8_linear(x, self.weight)
         return F.linear(x, self.weight.to(x.dtype))
 
 
@@ -255,6 +265,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # c_proj(relu(c_fc(x))^2). ReLU^2: sparse like ReLU, smoother growth.
+        if self.c_proj.uses_fp8():  # FP8 keeps its own FP8 copy of the input for backward: no recompute to win
+            return self.c_proj(torch.relu(self.c_fc(x)).square())
         return _ReluSquaredProjection.apply(self.c_fc(x), self.c_proj.weight)
 
 

@@ -79,7 +79,7 @@ DEFAULTS: dict[str, Any] = {
     "embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5, "weight_decay": 0.28,
     "warmup_steps": 40, "warmdown_ratio": 0.65, "final_lr_frac": 0.05,
     "eval_every": 250, "eval_tokens": 80 * 524_288, "sample_every": 2000, "save_every": 0, "keep_checkpoints": 2,
-    "seed": 42, "batch_lr_scale": None, "muon_weight_decay": None,
+    "seed": 42, "batch_lr_scale": None, "muon_weight_decay": None, "fp8": False,
 }  # fmt: skip
 # Flags that define the model or the data stream: changing them on --resume is an error, not an override.
 # (The schedule may change: a new --num-iterations is allowed, with a warning.)
@@ -117,6 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the model and the optimizer updates (default: on for CUDA, off "
                             "elsewhere)")
+    where.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
+                       help="train the large Linears in FP8 (tensorwise scaling; CUDA compute capability 8.9+, "
+                            "emulated on the CPU; never for evaluation). A resume keeps the run's choice unless given")
     where.add_argument("--wandb-run", help="also log to Weights & Biases under this run name (needs wandb)")
     where.add_argument("--seed", type=non_negative_int, help="seed for the initial weights (42)")
 
@@ -312,6 +315,10 @@ def run(args: argparse.Namespace) -> int:
 
         torch.manual_seed(flags["seed"])  # the same initial weights on every rank (there is no broadcast)
         model = GPT.build(GPTConfig.from_dict(plan["model_config"]), device)
+        if flags["fp8"]:
+            from picochat.fp8 import enable_fp8
+
+            enable_fp8(model, device)
         optimizer = model.setup_optimizer(
             unembedding_lr=plan["unembedding_lr"], embedding_lr=plan["embedding_lr"], matrix_lr=plan["matrix_lr"],
             weight_decay=plan["weight_decay"], scalar_lr=plan["scalar_lr"], compile=use_compile,
