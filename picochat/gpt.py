@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from picochat import common
+from picochat import common, inference_cost
 from picochat.attention import KVCache, RowPositions, SlotKVCache, attention
 from picochat.common import PicochatError
 from picochat.fp8 import fp8_linear
@@ -512,6 +512,20 @@ class GPT(nn.Module):
         attention_width = self.config.n_head * self.config.head_dim
         attention_flops = sum(12 * attention_width * min(window, T) for window in self.window_sizes)
         return 6 * self.num_matmul_params() + attention_flops
+
+    # Inference (picochat/inference_cost.py has the conventions).
+
+    def decode_flops_per_token(self, context_len: int) -> int:
+        return inference_cost.decode_flops_per_token(self, context_len)
+
+    def prefill_flops_per_token(self, prompt_len: int) -> float:
+        return inference_cost.prefill_flops_per_token(self, prompt_len)
+
+    def kv_cache_bytes_per_token(self) -> int:
+        return inference_cost.kv_cache_bytes_per_token(self)
+
+    def decode_bytes_per_step(self, batch_size: int, context_len: int) -> int:
+        return inference_cost.decode_bytes_per_step(self, batch_size, context_len)
 
     def _scalar_parameters(self) -> list[nn.Parameter]:
         return [self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight, self.smear_lambda, self.backout_lambda]
