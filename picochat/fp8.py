@@ -93,9 +93,10 @@ def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
 
 def scaled_matmul(a: torch.Tensor, a_inverse: torch.Tensor, b: torch.Tensor, b_inverse: torch.Tensor,
                   out_dtype: torch.dtype, *, fast_accumulation: bool) -> torch.Tensor:  # fmt: skip
-    """(a @ b) * a_inverse * b_inverse for FP8 a (M, K) and b (K, N), in out_dtype. On an FP8 GPU a must be
-    row-major and b column-major (what torch._scaled_mm requires); elsewhere it is emulated in fp32."""
-    if a.is_cuda and native_fp8_available(a.device):
+    """(a @ b) * a_inverse * b_inverse for FP8 a (M, K) and b (K, N), in out_dtype. On CUDA a must be row-major and b
+    column-major (what torch._scaled_mm requires); elsewhere it is emulated in fp32. (enable_fp8 has refused CUDA
+    devices without FP8 tensor cores, so no capability query runs here, inside compiled code.)"""
+    if a.is_cuda:
         return torch._scaled_mm(a, b, scale_a=a_inverse, scale_b=b_inverse, out_dtype=out_dtype,
                                 use_fast_accum=fast_accumulation)  # fmt: skip
     return ((a.float() @ b.float()) * (a_inverse * b_inverse)).to(out_dtype)
