@@ -5,7 +5,8 @@ bench/results/gpu-<device>-<date>.json (also printed as one JSON line):
   attention    every attention backend present against SDPA: training (outputs and gradients), a prefill chunk after
                cached tokens, and single-token decode with a window shorter than the cache
   training     d12 and d20 at seq 2048, window patterns SSSL and L, FP8 off and on, compile on: tokens/s, bf16 MFU,
-               peak memory, compile seconds, graphs compiled after the warm-up steps (should be 0)
+               peak memory, compile seconds, graphs compiled after the warm-up steps (should be 0); and d20 once more
+               with fp32 embedding storage, for the memory bf16 storage (the CUDA default) saves
   decode       d12 (random weights, bf16): time to first token, decode tokens/s at batch 1, 8 and 32, MFU and the
                fraction of the memory-bandwidth ceiling (bench/generate.py's accounting)
   resume       a 200-step d12 `picochat pretrain` whose validation bpb must fall, run once through, and once killed
@@ -46,6 +47,7 @@ from picochat.common import compile_backend  # noqa: E402
 from picochat.fp8 import enable_fp8, native_fp8_available  # noqa: E402
 from picochat.gpt import GPT, GPTConfig  # noqa: E402
 from picochat.hardware import peak_bandwidth, peak_flops, peak_memory_bytes  # noqa: E402
+from picochat.stages.pretrain import resolve_embedding_dtype  # noqa: E402
 from picochat.trainer import compiled_graph_count  # noqa: E402
 
 VOCAB_SIZE = 32_768
@@ -153,14 +155,17 @@ def _compare(call: str, backend: str, q, k, v, window: int, device: torch.device
 # Training throughput
 
 
-def training_item(device, depth: int, pattern: str, fp8: bool, seq_len: int, batch: int, warmup: int, steps: int,
-                  vocab_size: int = VOCAB_SIZE) -> dict:  # fmt: skip
+def training_item(device, depth: int, window_pattern: str, fp8: bool, seq_len: int, batch: int, warmup: int,
+                  steps: int, vocab_size: int = VOCAB_SIZE, embedding_dtype: str = "auto") -> dict:  # fmt: skip
     reset_memory(device)
-    config = GPTConfig.from_depth(depth, vocab_size=vocab_size, sequence_len=seq_len, window_pattern=pattern)
+    config = GPTConfig.from_depth(depth, vocab_size=vocab_size, sequence_len=seq_len, window_pattern=window_pattern)
     torch.manual_seed(0)
     model = GPT.build(config, device)
-    row = {"depth": depth, "window_pattern": pattern, "fp8": fp8, "seq_len": seq_len, "device_batch_size": batch,
-           "compute_dtype": str(model.compute_dtype).removeprefix("torch.")}  # fmt: skip
+    embeddings = resolve_embedding_dtype(embedding_dtype, device, model.compute_dtype)
+    model.store_embeddings_in(embeddings)  # as picochat pretrain does
+    row = {"depth": depth, "window_pattern": window_pattern, "fp8": fp8, "seq_len": seq_len,
+           "device_batch_size": batch, "compute_dtype": str(model.compute_dtype).removeprefix("torch."),
+           "embedding_dtype": str(embeddings).removeprefix("torch.")}  # fmt: skip
     if fp8:
         row["fp8_linears"] = enable_fp8(model, device)
     optimizer = model.setup_optimizer(compile=True)
@@ -331,28 +336,37 @@ def main() -> None:
     report["attention"] = attention_checks(device, dtype, args.smoke)
 
     # Training items in priority order, each with the seconds it needs to be worth starting.
+    # The "float32" item measures fp32 embedding storage's memory against the same item with the default storage.
     if args.smoke:
-        grid = [(1, "SSSL", False), (1, "L", True)]  # both patterns, FP8 off and on: every field, at half the time
+        grid = [(1, "SSSL", False), (1, "L", True)]  # every field in little time (a CPU stores fp32 embeddings)
         sizes, cost = dict(seq_len=256, batch=2, warmup=2, steps=1, vocab_size=512), 5
     else:
-        grid = [(12, "SSSL", False), (12, "SSSL", True), (20, "SSSL", False), (20, "SSSL", True),
-                (12, "L", False), (20, "L", False), (12, "L", True), (20, "L", True)]  # fmt: skip
+        grid = [
+            (12, "SSSL", False),
+            (12, "SSSL", True),
+            (20, "SSSL", False),
+            (20, "SSSL", True),
+            (12, "L", False),
+            (20, "L", False),
+            (20, "SSSL", False, "float32"),
+            (12, "L", True),
+            (20, "L", True),
+        ]
         sizes, cost = dict(seq_len=2048, batch=16, warmup=4, steps=6), 75
+    grid = [dict(zip(("depth", "window_pattern", "fp8", "embedding_dtype"), item)) for item in grid]
     report["training"] = []
     report["decode"] = report["resume"] = None
     later = grid[2:]
-    for depth, pattern, fp8 in grid[:2]:
-        report["training"].append(_item(budget, cost, lambda d=depth, p=pattern, f=fp8: training_item(
-            device, d, p, f, **sizes), dict(depth=depth, window_pattern=pattern, fp8=fp8)))  # fmt: skip
+    for item in grid[:2]:
+        report["training"].append(_item(budget, cost, lambda i=item: training_item(device, **i, **sizes), item))
     decode = (dict(depth=1, batches=[1, 8, 32], prompt_len=16, decode_tokens=4) if args.smoke
               else dict(depth=12, batches=[1, 8, 32], prompt_len=512, decode_tokens=128))  # fmt: skip
     report["decode"] = _item(budget, 5 if args.smoke else 40, lambda: decode_items(device, **decode), {})
     with tempfile.TemporaryDirectory(prefix="picochat-gpu-") as work:
         report["resume"] = _item(budget, 10 if args.smoke else 150, lambda: resume_item(device, args.smoke, Path(work)),
                                  {})  # fmt: skip
-    for depth, pattern, fp8 in later:
-        report["training"].append(_item(budget, cost, lambda d=depth, p=pattern, f=fp8: training_item(
-            device, d, p, f, **sizes), dict(depth=depth, window_pattern=pattern, fp8=fp8)))  # fmt: skip
+    for item in later:
+        report["training"].append(_item(budget, cost, lambda i=item: training_item(device, **i, **sizes), item))
     report["seconds"] = round(args.budget_seconds - (budget.deadline - time.perf_counter()), 1)
 
     line = json.dumps(report)

@@ -14,11 +14,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from picochat.cli import main
+from picochat.gpt import GPT, GPTConfig
 from picochat.pipeline import command_line, plan_stages
 from picochat.presets import SPEEDRUN
+from picochat.stages.pretrain import resolve_embedding_dtype
 from picochat.trainer import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,12 +66,15 @@ def test_bf16_compute_with_fp32_masters_trains_and_resumes_exactly(tmp_path, tok
             "--keep-checkpoints", "5", "--device", "cpu"]  # fmt: skip
     fp32 = new_run(tmp_path / "fp32", tokenizer_dir)
     assert main(["pretrain", "--run-dir", str(fp32), *args]) == 0
+    # What CUDA does by default: bf16 compute, and (--embedding-dtype auto on CUDA) bf16 embedding storage.
     monkeypatch.setenv("PICOCHAT_DTYPE", "bfloat16")
     bf16 = new_run(tmp_path / "bf16", tokenizer_dir)
-    assert main(["pretrain", "--run-dir", str(bf16), *args]) == 0
+    assert main(["pretrain", "--run-dir", str(bf16), *args, "--embedding-dtype", "bfloat16"]) == 0
     assert json.loads((bf16 / "base" / "config.json").read_text())["provenance"]["compute_dtype"] == "bfloat16"
     weights = load_file(str(bf16 / "base" / "model.safetensors"))
-    assert {str(tensor.dtype) for tensor in weights.values()} == {"torch.float32"}  # the masters stay fp32
+    for name, tensor in weights.items():  # the matrices' masters stay fp32; the embeddings are stored in bf16
+        embedding = name.startswith(("wte.", "value_embeds."))
+        assert tensor.dtype == (torch.bfloat16 if embedding else torch.float32), name
     # bf16 really computed: the losses differ from fp32's, by bf16 rounding only.
     losses_fp32, losses_bf16 = train_losses(fp32), train_losses(bf16)
     assert losses_bf16 != losses_fp32
@@ -82,6 +88,19 @@ def test_bf16_compute_with_fp32_masters_trains_and_resumes_exactly(tmp_path, tok
     for name, tensor in weights.items():
         assert resumed_weights[name].equal(tensor), name  # bit for bit
     assert train_losses(resumed) == train_losses(bf16)
+    # Those weights load into a model with fp32 embeddings (what CPU runs and inference build).
+    model = GPT.build(GPTConfig.from_dict(json.loads((bf16 / "base" / "config.json").read_text())["model"]), "cpu")
+    model.load_state_dict(weights)
+    assert model.wte.weight.dtype == torch.float32 and model.wte.weight.equal(weights["wte.weight"].float())
+
+
+def test_embedding_storage_follows_the_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_embedding_dtype("auto", cpu, torch.float32) == torch.float32
+    assert resolve_embedding_dtype("auto", cpu, torch.bfloat16) == torch.float32
+    assert resolve_embedding_dtype("auto", cuda, torch.bfloat16) == torch.bfloat16
+    assert resolve_embedding_dtype("auto", cuda, torch.float32) == torch.float32
+    assert resolve_embedding_dtype("float32", cuda, torch.bfloat16) == torch.float32
 
 
 def test_speedrun_pretrain_command_on_two_ranks_with_compile(tmp_path, tokenizer_dir, data_dir):

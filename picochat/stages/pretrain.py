@@ -80,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_steps": 40, "warmdown_ratio": 0.65, "final_lr_frac": 0.05,
     "eval_every": 250, "eval_tokens": 80 * 524_288, "sample_every": 2000, "save_every": 0, "keep_checkpoints": 2,
     "seed": 42, "batch_lr_scale": None, "muon_weight_decay": None, "fp8": False,
+    "embedding_dtype": "auto",
 }  # fmt: skip
 # Flags that define the model or the data stream: changing them on --resume is an error, not an override.
 # (The schedule may change: a new --num-iterations is allowed, with a warning.)
@@ -120,6 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
                        help="train the large Linears in FP8 (tensorwise scaling; CUDA compute capability 8.9+, "
                             "emulated on the CPU; never for evaluation). A resume keeps the run's choice unless given")
+    where.add_argument("--embedding-dtype", choices=("auto", "float32", "bfloat16"), default=None,
+                       help="storage of the token and value embeddings; auto: bfloat16 on CUDA with bf16 compute (as "
+                            "the reference; 2.6 GB less per GPU at d24), float32 elsewhere")
     where.add_argument("--wandb-run", help="also log to Weights & Biases under this run name (needs wandb)")
     where.add_argument("--seed", type=non_negative_int, help="seed for the initial weights (42)")
 
@@ -315,6 +319,9 @@ def run(args: argparse.Namespace) -> int:
 
         torch.manual_seed(flags["seed"])  # the same initial weights on every rank (there is no broadcast)
         model = GPT.build(GPTConfig.from_dict(plan["model_config"]), device)
+        embedding_dtype = resolve_embedding_dtype(flags["embedding_dtype"], device, model.compute_dtype)
+        model.store_embeddings_in(embedding_dtype)
+        log(f"token and value embeddings stored in {str(embedding_dtype).removeprefix('torch.')}")
         if flags["fp8"]:
             from picochat.fp8 import enable_fp8
 
@@ -367,6 +374,16 @@ def run(args: argparse.Namespace) -> int:
                 f"(training time {trainer.training_seconds / 60:.1f} min), best validation bpb {best}; "
                 f"weights in {stage_dir / 'model.safetensors'}")  # fmt: skip
     return 0
+
+
+def resolve_embedding_dtype(name: str, device, compute_dtype):
+    """--embedding-dtype: "auto" is bfloat16 on CUDA when the model computes in bf16 (the reference's storage), else
+    float32."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and compute_dtype == torch.bfloat16 else torch.float32
+    return getattr(torch, name)
 
 
 def greedy_samples(model, tokenizer, prompts: list[str] = SAMPLE_PROMPTS, max_tokens: int = 16):
