@@ -38,6 +38,8 @@ Performance. One host sync per step (the loss .item()); the next step's batches 
 last backward, before the optimizer step (on a GPU the kernels are still running); gc is frozen and disabled
 after the first step, as the reference does (its pauses cost ~0.5 s on big runs), with a collect every 5,000
 steps. On CPU there is no overlap to win, but no copy is made either: the loaders hand over tensors in place.
+With compile on, every train event records `compiled_graphs` (graphs torch.compile has made so far): it must stop
+growing after the first step, or something recompiles as training goes.
 """
 
 from __future__ import annotations
