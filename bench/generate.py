@@ -8,7 +8,10 @@
   naive      no cache at all: every step recomputes the whole sequence (the textbook loop).
 
 For each depth (random weights, vocab 32,768, context 2,048), compute dtype and batch size it reports time to first
-token (prefill + first sample) and decode tokens/s (after the first token): the best of --repeats runs, taken in
+token (prefill + first sample) and decode tokens/s (after the first token), and from the model's own accounting
+(GPT.prefill_flops_per_token, decode_flops_per_token, decode_bytes_per_step) the MFU of prefill and decode and the
+fraction of the memory-bandwidth ceiling decoding reaches (nominal peaks on a GPU; on a CPU the FLOP peak is nominal
+and the bandwidth a measured copy rate): the best of --repeats runs, taken in
 turns (on a shared machine, load only ever slows a run down, so the best run is the closest to the code's own
 speed, and both sides get the same chances). Sampling: temperature 1, top-k 50, no stop tokens, no tools.
 Prints a table, then ONE JSON line.
@@ -29,6 +32,7 @@ import torch
 from picochat.common import print_table
 from picochat.engine import Engine, sample_next_token
 from picochat.gpt import GPT, GPTConfig
+from picochat.hardware import peak_bandwidth, peak_flops
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 VOCAB_SIZE = 32_768
@@ -115,7 +119,9 @@ def measure(engine: Engine, reference_model: GPT, prompt: list[int], batch: int,
     )
     ttft = {name: min(m[0] for m in runs) for name, runs in measured.items()}
     rate = {name: max(m[1] for m in runs) for name, runs in measured.items()}
+    use = utilisation(engine.model, len(prompt), args.decode_tokens, batch, ttft["ours"], rate["ours"], args.peaks)
     return {
+        **use,
         "ttft_ms_ours": round(ttft["ours"] * 1000, 1),
         "ttft_ms_reference": round(ttft["reference"] * 1000, 1),
         "ttft_ms_naive": round(naive_ttft * 1000, 1),
@@ -125,6 +131,33 @@ def measure(engine: Engine, reference_model: GPT, prompt: list[int], batch: int,
         "decode_tok_s_naive": round(naive_rate, 1),
         "decode_speedup_vs_reference": round(rate["ours"] / rate["reference"], 2),
         "decode_speedup_vs_naive": round(rate["ours"] / naive_rate, 2),
+    }
+
+
+def utilisation(
+    model: GPT,
+    prompt_len: int,
+    decode_tokens: int,
+    batch: int,
+    ttft_seconds: float,
+    decode_tokens_per_second: float,
+    peaks: tuple[float | None, float | None],
+) -> dict:
+    """MFU of the prefill and of decoding, and the fraction of the memory-bandwidth ceiling decoding reaches, from the
+    model's own accounting (picochat/inference_cost.py) at the mean context length of the decode."""
+    peak_flops, peak_bandwidth = peaks
+    context = prompt_len + decode_tokens // 2
+    steps_per_second = decode_tokens_per_second / batch
+    prefill_flops = model.prefill_flops_per_token(prompt_len) * prompt_len
+    decode_flops_per_second = decode_tokens_per_second * model.decode_flops_per_token(context)
+    bytes_per_second = steps_per_second * model.decode_bytes_per_step(batch, context)
+    ratio = lambda value, peak: None if not peak else round(value / peak, 5)  # noqa: E731
+    return {
+        "prefill_mfu": ratio(prefill_flops / ttft_seconds, peak_flops),
+        "decode_mfu": ratio(decode_flops_per_second, peak_flops),
+        "decode_gb_per_s": round(bytes_per_second / 1e9, 3),
+        "decode_bandwidth_fraction": ratio(bytes_per_second, peak_bandwidth),
+        "kv_cache_bytes_per_token": model.kv_cache_bytes_per_token(),
     }
 
 
@@ -141,6 +174,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    bandwidth, bandwidth_source = peak_bandwidth(device)
+    args.peaks = (peak_flops(device), bandwidth)
     tokenizer = make_tokenizer()
     prompt_rng = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, VOCAB_SIZE - len(SPECIAL_TOKENS), (args.prompt_tokens,), generator=prompt_rng).tolist()
@@ -176,12 +212,14 @@ def main() -> None:
         "ttft_speedup_vs_reference": "TTFT x ref",
         "decode_tok_s_ours": "tok/s ours", "decode_tok_s_reference": "tok/s ref", "decode_tok_s_naive": "tok/s naive",
         "decode_speedup_vs_reference": "tok/s x ref", "decode_speedup_vs_naive": "tok/s x naive",
+        "prefill_mfu": "prefill MFU", "decode_mfu": "decode MFU", "decode_bandwidth_fraction": "of bandwidth",
     }  # fmt: skip
     print(print_table([{title: str(row[key]) for key, title in titles.items()} for row in rows]))
     print(json.dumps({
         "benchmark": "generate", "device": args.device, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
         "decode_tokens": args.decode_tokens, "naive_decode_tokens": args.naive_decode_tokens,
-        "repeats": args.repeats, "statistic": "best of repeats", "results": rows,
+        "repeats": args.repeats, "statistic": "best of repeats", "peak_flops": args.peaks[0],
+        "peak_bandwidth": args.peaks[1], "bandwidth_source": bandwidth_source, "results": rows,
     }))  # fmt: skip
 
 

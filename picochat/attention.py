@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from picochat.common import PicochatError
+from picochat.common import PicochatError, compile_backend
 
 BACKENDS = ("auto", "sdpa", "flex", "flash")
 _backend = "auto"
@@ -463,7 +463,7 @@ def _compiled_flex_attention():
     # implementation (still correct, which is what the CPU tests use).
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=False, backend=compile_backend())
 
 
 def _flex_block_mask(num_tokens: int, window: int, device: str):

@@ -318,3 +318,18 @@ def compute_dtype(device: str | Any) -> Any:
         if torch.cuda.get_device_capability(device) >= (8, 0):
             return torch.bfloat16
     return torch.float32
+
+
+# The compiler backend behind every torch.compile picochat makes (model, optimizer updates, FlexAttention).
+# "inductor" generates kernels and is what a GPU run uses. The CPU tests choose "aot_eager" through the environment:
+# it runs the same graph capture and autograd tracing (where graph breaks, recompiles and untraceable code show up)
+# without generating C++ kernels, which costs minutes per model on a 2-core machine.
+_COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def compile_backend() -> str:
+    """$PICOCHAT_COMPILE_BACKEND (inductor | aot_eager | eager), default inductor."""
+    name = os.environ.get("PICOCHAT_COMPILE_BACKEND", "").strip() or "inductor"
+    if name not in _COMPILE_BACKENDS:
+        raise PicochatError(f"$PICOCHAT_COMPILE_BACKEND={name!r}: expected one of {', '.join(_COMPILE_BACKENDS)}")
+    return name

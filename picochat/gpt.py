@@ -39,9 +39,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from picochat import common
+from picochat import common, inference_cost
 from picochat.attention import KVCache, RowPositions, SlotKVCache, attention
 from picochat.common import PicochatError
+from picochat.fp8 import fp8_linear
 from picochat.loss import SOFTCAP, softcapped_cross_entropy
 
 ROPE_BASE = 100_000
@@ -183,12 +184,21 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """A bias-free Linear whose fp32 master weight is cast to the activation dtype at use."""
+    """A bias-free Linear whose fp32 master weight is cast to the activation dtype at use.
+
+    fp8: set by fp8.enable_fp8 (`--fp8`) on the large matrices; then training-mode calls with gradients on multiply
+    in FP8 (picochat/fp8.py). Evaluation and inference never do, and the weights are the same either way."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.fp8 = False
+
+    def uses_fp8(self) -> bool:
+        return self.fp8 and self.training and torch.is_grad_enabled()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_fp8():
+            return fp8_linear(x, self.weight)
         return F.linear(x, self.weight.to(x.dtype))
 
 
@@ -274,6 +284,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # c_proj(relu(c_fc(x))^2). ReLU^2: sparse like ReLU, smoother growth.
+        if self.c_proj.uses_fp8():  # FP8 keeps its own FP8 copy of the input for backward: no recompute to win
+            return self.c_proj(torch.relu(self.c_fc(x)).square())
         return _ReluSquaredProjection.apply(self.c_fc(x), self.c_proj.weight)
 
 
@@ -371,6 +383,16 @@ class GPT(nn.Module):
         if self.compute_dtype is None:
             self.compute_dtype = common.compute_dtype(device)
         self.cos, self.sin = rotary_tables(self.rotary_len, config.head_dim, device=device, dtype=self.compute_dtype)
+
+    def store_embeddings_in(self, dtype: torch.dtype) -> None:
+        """Keep the token and value embeddings in `dtype` (their Adam moments stay fp32: optim.adamw_step updates in
+        fp32 and writes back). They are 47% of d24's parameters (654M of 1.38B), so bf16 storage, as the reference
+        does on CUDA, saves 654M x (2 bytes of weight + 2 of gradient) = 2.6 GB per GPU at d24 (computed, not yet
+        measured). They are lookups, not matmuls: rows are read, so bf16 costs no precision in the forward beyond the
+        bf16 compute dtype itself; updates smaller than a bf16 step of a weight are lost, which the reference
+        accepts. A checkpoint loads into either storage (load_state_dict casts)."""
+        self.wte.to(dtype)
+        self.value_embeds.to(dtype)
 
     @property
     def device(self) -> torch.device:
@@ -519,6 +541,20 @@ class GPT(nn.Module):
         attention_width = self.config.n_head * self.config.head_dim
         attention_flops = sum(12 * attention_width * min(window, T) for window in self.window_sizes)
         return 6 * self.num_matmul_params() + attention_flops
+
+    # Inference (picochat/inference_cost.py has the conventions).
+
+    def decode_flops_per_token(self, context_len: int) -> int:
+        return inference_cost.decode_flops_per_token(self, context_len)
+
+    def prefill_flops_per_token(self, prompt_len: int) -> float:
+        return inference_cost.prefill_flops_per_token(self, prompt_len)
+
+    def kv_cache_bytes_per_token(self) -> int:
+        return inference_cost.kv_cache_bytes_per_token(self)
+
+    def decode_bytes_per_step(self, batch_size: int, context_len: int) -> int:
+        return inference_cost.decode_bytes_per_step(self, batch_size, context_len)
 
     def _scalar_parameters(self) -> list[nn.Parameter]:
         return [self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight, self.smear_lambda, self.backout_lambda]

@@ -88,6 +88,48 @@ GPU_PEAK_FLOPS = [
 ]  # fmt: skip
 
 
+# Nominal memory bandwidth (bytes/s) of the GPU's own memory, matched like GPU_PEAK_FLOPS.
+GPU_PEAK_BANDWIDTH = [
+    ("gh200", 4.0e12), ("gb200", 8.0e12), ("b200", 8.0e12), ("h200", 4.8e12), ("h100 nvl", 3.9e12),
+    ("h100 pcie", 2.0e12), ("h100", 3.35e12), ("a100-sxm4-80gb", 2.039e12), ("a100 80gb", 1.935e12),
+    ("a100", 1.555e12), ("l40s", 864e9), ("l4", 300e9), ("rtx 5090", 1.792e12), ("rtx 4090", 1.008e12),
+    ("rtx 3090", 936e9), ("mi300x", 5.3e12),
+]  # fmt: skip
+
+
+def gpu_peak_bandwidth(device_name: str) -> float | None:
+    """The table's memory bandwidth for a GPU name; None when not in the table."""
+    name = device_name.lower()
+    for pattern, bandwidth in GPU_PEAK_BANDWIDTH:
+        if pattern in name:
+            return bandwidth
+    return None
+
+
+def cpu_memory_bandwidth(megabytes: int = 256, repeats: int = 3) -> float:
+    """A CPU has no nominal figure we can read, so measure one: bytes read + written per second by the best of a few
+    copies of a buffer much larger than the caches."""
+    import time
+
+    source = torch.ones(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() * 4 / best
+
+
+def peak_bandwidth(device: torch.device) -> tuple[float | None, str]:
+    """(bytes/s, where the figure comes from): the nominal figure of a known GPU, a measured copy rate on CPU."""
+    if device.type == "cuda":
+        return gpu_peak_bandwidth(torch.cuda.get_device_name(device)), "nominal (hardware.GPU_PEAK_BANDWIDTH)"
+    if device.type == "cpu":
+        return cpu_memory_bandwidth(), "measured (a 256 MiB copy, best of 3)"
+    return None, "unknown"
+
+
 def cpu_peak_flops(threads: int | None = None) -> tuple[float, str]:
     """Nominal fp32 peak of the CPU threads torch uses: threads x clock x FLOPs per cycle, from /proc/cpuinfo.
 

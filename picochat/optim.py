@@ -55,7 +55,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from picochat.common import PicochatError
+from picochat.common import PicochatError, compile_backend
 
 # Polar Express coefficients (a, b, c) for the five iterations, in order.
 POLAR_EXPRESS_COEFFICIENTS = (
@@ -179,7 +179,7 @@ def _kernel(name: str, compile: bool):
     if not compile:
         return function
     if name not in _compiled:
-        _compiled[name] = torch.compile(function, dynamic=False, fullgraph=True)
+        _compiled[name] = torch.compile(function, dynamic=False, fullgraph=True, backend=compile_backend())
     return _compiled[name]
 
 

@@ -38,6 +38,8 @@ Performance. One host sync per step (the loss .item()); the next step's batches 
 last backward, before the optimizer step (on a GPU the kernels are still running); gc is frozen and disabled
 after the first step, as the reference does (its pauses cost ~0.5 s on big runs), with a collect every 5,000
 steps. On CPU there is no overlap to win, but no copy is made either: the loaders hand over tensors in place.
+With compile on, every train event records `compiled_graphs` (graphs torch.compile has made so far): it must stop
+growing after the first step, or something recompiles as training goes.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ import torch
 import torch.distributed as dist
 
 from picochat.checkpoint import Checkpoint, save_checkpoint
-from picochat.common import PicochatError, atomic_write_text, log, progress, warn
+from picochat.common import PicochatError, atomic_write_text, compile_backend, log, progress, warn
 from picochat.evaluation.bpb import evaluate_bpb
 from picochat.hardware import Distributed, is_distributed, peak_flops, peak_memory_bytes
 
@@ -276,7 +278,9 @@ class Trainer:
     def run(self) -> int:
         """Train to num_iterations (or until stopped by a signal or the data ending). Returns the last step."""
         settings = self.settings
-        self.train_model = torch.compile(self.model, dynamic=False) if settings.compile else self.model
+        self.train_model = self.model
+        if settings.compile:
+            self.train_model = torch.compile(self.model, dynamic=False, backend=compile_backend())
         loaders = self._loaders(self.make_train_loader, state=self.loader_state)
         self._open_metrics()
         restore_signals = self._install_signal_handlers()
@@ -422,6 +426,8 @@ class Trainer:
             "peak_memory_bytes": peak_memory_bytes(self.ranks.device),
             "training_seconds": round(self.training_seconds, 3),
         }
+        if settings.compile:
+            metrics["compiled_graphs"] = compiled_graph_count()
         return next_batch, metrics
 
     # ---- evaluation and samples ------------------------------------------------------------------------
@@ -575,6 +581,17 @@ class Trainer:
                 signal.signal(sig, old)
 
         return restore
+
+
+def compiled_graph_count() -> int | None:
+    """Graphs torch.compile has produced in this process so far (every recompile adds one). The first step compiles
+    the model and one update function per parameter shape; a count that still grows after it means something
+    recompiles every few steps, which on a GPU costs far more than it saves."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # a torch without Dynamo's counters: not reported
+        return None
+    return int(counters["stats"]["unique_graphs"])
 
 
 def read_metrics(stage_dir: str | os.PathLike) -> list[dict[str, Any]]:
