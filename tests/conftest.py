@@ -46,3 +46,20 @@ def tokenizer(data_dir):
     from helpers import wiki_tokenizer
 
     return wiki_tokenizer(data_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, data_dir):
+    """A saved 512-token BPE of 300 Wikipedia documents, for tests that run `picochat pretrain` (copy it into a
+    run with helpers.new_run)."""
+    from picochat.data import iter_documents
+    from picochat.tokenizer import Tokenizer
+
+    texts = []
+    for text, _ in iter_documents([data_dir / "pretrain" / "wikipedia_en" / "shard_00000.parquet"]):
+        texts.append(text[:2000])
+        if len(texts) == 300:
+            break
+    folder = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
+    Tokenizer.train(texts, vocab_size=512).save(folder)
+    return folder

@@ -6,6 +6,7 @@ expected values depend on them: change one and every test that uses it sees a di
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,6 +16,27 @@ from picochat.gpt import GPT, GPTConfig
 from picochat.tokenizer import Tokenizer
 
 WIKI_SHARD = "pretrain/wikipedia_en/shard_00000.parquet"
+WIKI_VAL_SHARD = "pretrain/wikipedia_en/val_00000.parquet"
+
+# `picochat pretrain` flags for the tiny model the pretraining tests train: depth 2, width 64 (2 heads of 32), rows
+# of 32 tokens, 8 rows per step: 4 per forward, so 1 rank accumulates 2.
+TINY = [
+    "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32", "--device-batch-size", "4",
+    "--total-batch-size", "256", "--eval-tokens", "512", "--sample-every", "0", "--warmup-steps", "2",
+    # The learning rates are scaled by sqrt(256 / 2^19) = 0.022: raise them so that a few steps change a lot.
+    "--matrix-lr", "0.5", "--embedding-lr", "5", "--unembedding-lr", "0.5", "--scalar-lr", "5",
+]  # fmt: skip (flag, value pairs on a line)
+
+
+def wiki_args(data_dir: Path) -> list[str]:
+    """The training shard and `--val` shard the pretraining tests read."""
+    return [str(data_dir / WIKI_SHARD), "--val", str(data_dir / WIKI_VAL_SHARD)]
+
+
+def new_run(folder: Path, tokenizer_dir: Path) -> Path:
+    """A run folder holding a copy of a trained tokenizer, ready for `picochat pretrain --run-dir folder`."""
+    shutil.copytree(tokenizer_dir, folder / "tokenizer")
+    return folder
 
 
 def wiki_tokenizer(data_dir: Path, vocab_size: int = 300) -> Tokenizer:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, new_run, wiki_args
 from safetensors.torch import load_file
 
 from picochat.cli import main
@@ -26,43 +27,13 @@ from picochat.trainer import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# depth 2, width 64 (2 heads of 32), 8 rows of 32 tokens per step (the same tiny model as tests/test_pretrain.py).
-TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32", "--device-batch-size", "4",
-        "--total-batch-size", "256", "--eval-tokens", "512", "--sample-every", "0", "--warmup-steps", "2",
-        "--matrix-lr", "0.5", "--embedding-lr", "5", "--unembedding-lr", "0.5", "--scalar-lr", "5"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, data_dir):
-    from picochat.data import iter_documents
-    from picochat.tokenizer import Tokenizer
-
-    texts = []
-    for text, _ in iter_documents([data_dir / "pretrain" / "wikipedia_en" / "shard_00000.parquet"]):
-        texts.append(text[:2000])
-        if len(texts) == 200:
-            break
-    folder = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
-    Tokenizer.train(texts, vocab_size=512).save(folder)
-    return folder
-
-
-def new_run(folder: Path, tokenizer_dir: Path) -> Path:
-    shutil.copytree(tokenizer_dir, folder / "tokenizer")
-    return folder
-
-
-def wikipedia(data_dir: Path) -> list[str]:
-    shards = data_dir / "pretrain" / "wikipedia_en"
-    return [str(shards / "shard_00000.parquet"), "--val", str(shards / "val_00000.parquet")]
-
 
 def train_losses(run_dir: Path) -> list[float]:
     return [event["loss"] for event in read_metrics(run_dir / "base") if event["event"] == "train"]
 
 
 def test_bf16_compute_with_fp32_masters_trains_and_resumes_exactly(tmp_path, tokenizer_dir, data_dir, monkeypatch):
-    args = [*wikipedia(data_dir), *TINY, "--num-iterations", "4", "--eval-every", "0", "--save-every", "2",
+    args = [*wiki_args(data_dir), *TINY, "--num-iterations", "4", "--eval-every", "0", "--save-every", "2",
             "--keep-checkpoints", "5", "--device", "cpu"]  # fmt: skip
     fp32 = new_run(tmp_path / "fp32", tokenizer_dir)
     assert main(["pretrain", "--run-dir", str(fp32), *args]) == 0

@@ -18,46 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, new_run, wiki_args
 from safetensors.torch import load_file
 
 from picochat.cli import main
 from picochat.stages.pretrain import DEFAULTS, derive_plan
 from picochat.trainer import read_metrics
 
-# depth 2, width 64 (2 heads of 32), rows of 32 tokens, 8 rows per step: 4 per forward, so 1 rank accumulates 2.
-TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32", "--device-batch-size", "4",
-        "--total-batch-size", "256", "--eval-tokens", "512", "--sample-every", "0", "--warmup-steps", "2",
-        # The learning rates are scaled by sqrt(256 / 2^19) = 0.022: raise them so that a few steps change a lot.
-        "--matrix-lr", "0.5", "--embedding-lr", "5", "--unembedding-lr", "0.5", "--scalar-lr", "5"]  # fmt: skip
-
-
 # Tiny models run faster on one thread (no OpenMP barriers on a busy machine), like the subprocesses below.
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory, data_dir):
-    from picochat.data import iter_documents
-    from picochat.tokenizer import Tokenizer
-
-    texts = []
-    for text, _ in iter_documents([data_dir / "pretrain" / "wikipedia_en" / "shard_00000.parquet"]):
-        texts.append(text[:2000])
-        if len(texts) == 300:
-            break
-    folder = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
-    Tokenizer.train(texts, vocab_size=512).save(folder)
-    return folder
-
-
-def new_run(folder: Path, tokenizer_dir: Path) -> Path:
-    shutil.copytree(tokenizer_dir, folder / "tokenizer")
-    return folder
-
-
-def data_args(data_dir: Path) -> list[str]:
-    wikipedia = data_dir / "pretrain" / "wikipedia_en"
-    return [str(wikipedia / "shard_00000.parquet"), "--val", str(wikipedia / "val_00000.parquet")]
 
 
 def subprocess_env() -> dict[str, str]:
@@ -98,7 +67,7 @@ def one_and_two_rank_runs(tmp_path_factory, tokenizer_dir, data_dir):
     """The same 6 steps twice: 1 rank x 2 micro-steps (in this process) and 2 ranks x 1 (torchrun, gloo).
     Checkpoints at steps 3 and 6."""
     root = tmp_path_factory.mktemp("ranks")
-    args = [*data_args(data_dir), *TINY, "--num-iterations", "6", "--eval-every", "3", "--save-every", "3",
+    args = [*wiki_args(data_dir), *TINY, "--num-iterations", "6", "--eval-every", "3", "--save-every", "3",
             "--keep-checkpoints", "5"]  # fmt: skip
     one = new_run(root / "one", tokenizer_dir)
     assert main(["pretrain", "--run-dir", str(one), *args, "--device", "cpu"]) == 0
@@ -150,7 +119,7 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(one_and_two_rank_runs, tmp_pat
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, tokenizer_dir, data_dir):
-    args = [*data_args(data_dir), *TINY, "--num-iterations", "30", "--eval-every", "0"]
+    args = [*wiki_args(data_dir), *TINY, "--num-iterations", "30", "--eval-every", "0"]
     uninterrupted = new_run(tmp_path / "uninterrupted", tokenizer_dir)
     assert main(["pretrain", "--run-dir", str(uninterrupted), *args, "--device", "cpu"]) == 0
 
@@ -184,7 +153,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, tokenizer_dir,
 
 def test_sigterm_finishes_the_step_saves_and_exits_cleanly(tmp_path, tokenizer_dir, data_dir):
     run = new_run(tmp_path / "run", tokenizer_dir)
-    command = [sys.executable, "-m", "picochat", "pretrain", "--run-dir", str(run), *data_args(data_dir), *TINY,
+    command = [sys.executable, "-m", "picochat", "pretrain", "--run-dir", str(run), *wiki_args(data_dir), *TINY,
                "--num-iterations", "100000", "--eval-every", "0", "--device", "cpu"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env=subprocess_env())  # fmt: skip
@@ -206,7 +175,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(tmp_path, tokenizer_d
 
 def test_sigterm_during_a_long_evaluation_stops_promptly(tmp_path, tokenizer_dir, data_dir):
     run = new_run(tmp_path / "run", tokenizer_dir)
-    command = [sys.executable, "-m", "picochat", "pretrain", "--run-dir", str(run), *data_args(data_dir), *TINY,
+    command = [sys.executable, "-m", "picochat", "pretrain", "--run-dir", str(run), *wiki_args(data_dir), *TINY,
                "--num-iterations", "10", "--eval-tokens", str(10**9), "--device", "cpu"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env=subprocess_env())  # fmt: skip
@@ -228,7 +197,7 @@ def test_metrics_and_config_files(tmp_path, tokenizer_dir, data_dir):
     from picochat.gpt import GPT, GPTConfig
 
     run = new_run(tmp_path / "run", tokenizer_dir)
-    args = [*data_args(data_dir), *TINY, "--num-iterations", "4", "--eval-every", "2", "--sample-every", "2",
+    args = [*wiki_args(data_dir), *TINY, "--num-iterations", "4", "--eval-every", "2", "--sample-every", "2",
             "--save-every", "2", "--keep-checkpoints", "5"]  # fmt: skip
     assert main(["pretrain", "--run-dir", str(run), *args, "--device", "cpu"]) == 0
     events = read_metrics(run / "base")
@@ -336,11 +305,11 @@ def one_error_line(capsys) -> str:
 
 def test_user_mistakes_are_one_clear_line(tmp_path, tokenizer_dir, data_dir, capsys):
     bare = tmp_path / "bare"
-    assert main(["pretrain", "--run-dir", str(bare), *data_args(data_dir), *TINY, "--device", "cpu"]) == 2
+    assert main(["pretrain", "--run-dir", str(bare), *wiki_args(data_dir), *TINY, "--device", "cpu"]) == 2
     assert "picochat tokenizer train --run-dir" in one_error_line(capsys)
 
     run = new_run(tmp_path / "run", tokenizer_dir)
-    odd_batch = [*data_args(data_dir), *TINY, "--total-batch-size", "1000", "--device", "cpu"]
+    odd_batch = [*wiki_args(data_dir), *TINY, "--total-batch-size", "1000", "--device", "cpu"]
     assert main(["pretrain", "--run-dir", str(run), *odd_batch]) == 2
     line = one_error_line(capsys)
     assert "--total-batch-size 1,000" in line and "try --total-batch-size 896 or 1,024" in line
@@ -349,10 +318,10 @@ def test_user_mistakes_are_one_clear_line(tmp_path, tokenizer_dir, data_dir, cap
     assert "no checkpoint" in one_error_line(capsys)
 
     if importlib.util.find_spec("wandb") is None:  # never required: a clear error when asked for and missing
-        assert main(["pretrain", "--run-dir", str(run), *data_args(data_dir), *TINY, "--wandb-run", "x"]) == 2
+        assert main(["pretrain", "--run-dir", str(run), *wiki_args(data_dir), *TINY, "--wandb-run", "x"]) == 2
         assert "pip install wandb" in one_error_line(capsys)
 
-    args = [*data_args(data_dir), *TINY, "--num-iterations", "1", "--eval-every", "0", "--device", "cpu"]
+    args = [*wiki_args(data_dir), *TINY, "--num-iterations", "1", "--eval-every", "0", "--device", "cpu"]
     assert main(["pretrain", "--run-dir", str(run), *args]) == 0
     capsys.readouterr()
     assert main(["pretrain", "--run-dir", str(run), *args]) == 2  # would silently overwrite the run
