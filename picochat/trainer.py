@@ -229,6 +229,7 @@ class Trainer:
         self.smooth_loss = 0.0  # EMA(0.9) of the loss, debiased when reported
         self.training_seconds = 0.0  # wall time of steps after the first UNTIMED_STEPS, without evals/saves
         self.min_val_bpb = float("inf")
+        self.crop_fraction: float | None = None  # the loaders' crop fraction after the last step (all ranks)
         self.last_eval_step = self.last_sample_step = -1
         self._stop_signal: int | None = None
         self._data_exhausted = False  # the training data ran out: the stage is over even before num_iterations
@@ -388,13 +389,15 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
 
         # One all-reduce and one host sync for: the global loss, "should we stop" (a signal may reach only some
-        # ranks) and "did a loader run out" while prefetching.
-        flags = [self._stop_signal is not None, next_batch is not None and next_batch.exhausted]
+        # ranks), "did a loader run out" while prefetching, and what packing cropped so far on all ranks.
+        flags = [self._stop_signal is not None, next_batch is not None and next_batch.exhausted,
+                 *packing_counts(batch.loader_states)]
         reduced = torch.cat([loss_sum.view(1), torch.tensor(flags, dtype=torch.float32, device=self.ranks.device)])
         if is_distributed():
             dist.all_reduce(reduced)
         reduced[0] /= batch.count.clamp(min=1)
-        loss_value, stop_votes, exhausted_votes = reduced.tolist()
+        loss_value, stop_votes, exhausted_votes, tokens_cropped, tokens_read = reduced.tolist()
+        self.crop_fraction = tokens_cropped / tokens_read if tokens_read else None
         if stop_votes > 0 and self._stop_signal is None:
             self._stop_signal = signal.SIGTERM  # another rank was asked to stop
         if next_batch is not None:
@@ -421,6 +424,8 @@ class Trainer:
             "mfu": None if mfu is None else round(mfu, 5),
             "peak_memory_bytes": peak_memory_bytes(self.ranks.device),
             "training_seconds": round(self.training_seconds, 3),
+            # Tokens the loaders read but cropped away / tokens read, since the run started (see bestfit.py).
+            "crop_fraction": None if self.crop_fraction is None else round(self.crop_fraction, 4),
         }
         return next_batch, metrics
 
@@ -575,6 +580,18 @@ class Trainer:
                 signal.signal(sig, old)
 
         return restore
+
+
+def packing_counts(loader_states: list[Any]) -> tuple[int, int]:
+    """(tokens cropped, tokens read) so far by the loaders with these states; (0, 0) for loaders that count
+    neither. Each loader packs its own streams, so the sums over loaders and ranks are the run's totals."""
+    cropped = read = 0
+    for state in loader_states:
+        stats = state.get("stats") if isinstance(state, dict) else None
+        if isinstance(stats, dict):
+            cropped += int(stats.get("tokens_cropped", 0))
+            read += int(stats.get("tokens_read", 0))
+    return cropped, read
 
 
 def read_metrics(stage_dir: str | os.PathLike) -> list[dict[str, Any]]:
