@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.data import TextFormat, default_pretraining_files, find_text_files, split_train_val
     from picochat.gpt import GPT, GPTConfig
     from picochat.hardware import distributed_session
-    from picochat.packing import pretraining_batches
+    from picochat.packing import evaluation_buffer, pretraining_batches
     from picochat.tokenizer import Tokenizer
     from picochat.trainer import Trainer, TrainSettings
 
@@ -344,9 +344,9 @@ def run(args: argparse.Namespace) -> int:
             return pretraining_batches(train_files, tokenizer, device=device, text_format=text_format, **packing,
                                        **layout)
 
-        def val_loader(**layout):  # packed like the training rows, so that validation sees the same kind of rows
-            return pretraining_batches(val_files, tokenizer, device=device, text_format=text_format, **packing,
-                                       **layout)
+        def val_loader(**layout):  # packed the same whatever the training packing (packing.evaluation_buffer)
+            return pretraining_batches(val_files, tokenizer, device=device, text_format=text_format,
+                                       buffer_size=evaluation_buffer(layout["num_streams"]), **layout)
 
         location = f"--run-dir {run_dir}" if args.run_dir else f"--run {args.run or 'default'}"
         config = {
