@@ -55,20 +55,29 @@ from picochat.data import Cursor, TextFormat, find_text_files, iter_documents
 
 # The reference buffers ~1,000 documents (pretraining) and 100 conversations (SFT) per rank, and every row it packs
 # picks from that one buffer. Here every stream has its own buffer (a shared one would make what a stream emits
-# depend on which streams share its rank). Pretraining: each stream's buffer holds 1,000 documents, so every pick
-# has as many candidates as the reference's. What this buys is a transient: documents longer than a row pile up
-# in a buffer (they are cropped only when nothing shorter is left), so a buffer crops less until it is full of
-# them, after a few rows per buffered document. Measured at the cpu preset's shape (Wikipedia, vocabulary 8,192,
-# 8 streams of 512 tokens, 400 steps): of the tokens read, 8 x 125 (the old default, 1,000 split over the streams)
-# cropped 35.3%, one buffer of 1,000 feeding all 8 rows (the reference) 35.4%, 8 x 1,000 25.5%; over steps
-# 400-1,600, 41.8%, 41.9% and 32.8%. SFT: the budget is split over the streams with a floor (conversations are
-# padded, never cropped). Either depends on num_streams and the flags only, never on the number of ranks.
-PRETRAINING_BUFFER_DOCUMENTS = 1000
+# depend on which streams share its rank). Pretraining: each stream's buffer holds 1,000 documents (up to 64
+# streams; see pretraining_buffer), so every pick has as many candidates as the reference's. What this buys is a
+# transient: documents longer than a row pile up in a buffer (they are cropped only when nothing shorter is
+# left), so a buffer crops less until it is full of them, after a few rows per buffered document. Measured at
+# the cpu preset's shape (Wikipedia, vocabulary 8,192, 8 streams of 512 tokens, 400 steps): of the tokens read,
+# 8 x 125 (the old default, 1,000 split over the streams) cropped 35.3%, one buffer of 1,000 feeding all 8 rows
+# (the reference) 35.4%, 8 x 1,000 25.5%; from step ~1,600 on, all three crop ~41.8% per step. SFT: the budget
+# is split over the streams with a floor (conversations are padded, never cropped). Either depends on
+# num_streams and the flags only, never on the number of ranks.
+PRETRAINING_BUFFER_DOCUMENTS, PRETRAINING_BUFFER_TOTAL, PRETRAINING_MIN_BUFFER = 1000, 64_000, 64
 EVALUATION_BUFFER_BUDGET, EVALUATION_MIN_BUFFER = 1000, 64
 SFT_BUFFER_CONVERSATIONS, SFT_MIN_BUFFER = 100, 16
 PRETRAINING_FORMAT, SFT_FORMAT = "picochat-pretraining-loader", "picochat-sft-loader"
 # Header keys that states saved before the key existed lack: the value those states were packed with.
 LEGACY_HEADER = {"long_documents": "crop"}
+
+
+def pretraining_buffer(num_streams: int) -> int:
+    """The default buffer per stream: 1,000 documents, fewer when there are more than 64 streams, so that all
+    streams together hold at most 64,000 (a buffer fills up with documents longer than a row: at 2,048 tokens per
+    row, 256 streams x 1,000 would hold ~2 GB on the host and in every checkpoint). That is still 250 per stream
+    for d12's 256 rows per step, 8x the reference's 1,000 per rank over its 32 rows, and never below 64."""
+    return max(PRETRAINING_MIN_BUFFER, min(PRETRAINING_BUFFER_DOCUMENTS, PRETRAINING_BUFFER_TOTAL // num_streams))
 
 
 def evaluation_buffer(num_streams: int) -> int:
@@ -232,7 +241,8 @@ def pretraining_batches(
     padding, every row starts with BOS. With num_streams = batch_size x world_size x accumulation it yields
     `accumulation` micro-batches per optimizer step (see the module docstring). loop=False: stop when the documents
     run out. state: one yielded earlier (or merge_loader_states of all ranks' states), to continue exactly.
-    buffer_size: documents each stream picks from (default: the state's when resuming, else 1,000).
+    buffer_size: documents each stream picks from (default: the state's when resuming, else
+    pretraining_buffer(num_streams): 1,000 up to 64 streams).
     long_documents: "crop" (a document longer than a row gives only its first row) or "split" (it is cut into
     BOS-prefixed pieces of at most a row, each packed like a document; see picochat/bestfit.py).
     tokenizer_threads (default min(4, cpus)) tokenize tokenizer_batch_size documents at a time.
@@ -241,7 +251,7 @@ def pretraining_batches(
         raise PicochatError(f"long_documents must be one of {', '.join(LONG_DOCUMENTS)}, got {long_documents!r}")
     saved_buffer = state.get("buffer_size") if isinstance(state, dict) else None
     num_streams, buffer_size = _check_layout(batch_size, seq_len, rank, world_size, num_streams, buffer_size,
-                                             lambda _: saved_buffer or PRETRAINING_BUFFER_DOCUMENTS)
+                                             lambda streams: saved_buffer or pretraining_buffer(streams))
     split = long_documents == "split"
     tokenizer_threads = _check_positive_int("tokenizer_threads", tokenizer_threads or min(4, os.cpu_count() or 1))
     _check_positive_int("tokenizer_batch_size", tokenizer_batch_size)

@@ -13,7 +13,14 @@ import torch
 
 from picochat.bestfit import PackingStats, PretrainingStream, split_document, tokenize_documents
 from picochat.common import PicochatError
-from picochat.packing import merge_loader_states, owned_streams, pretraining_batches, sft_batches
+from picochat.packing import (
+    evaluation_buffer,
+    merge_loader_states,
+    owned_streams,
+    pretraining_batches,
+    pretraining_buffer,
+    sft_batches,
+)
 from picochat.tokenizer import Tokenizer
 
 BOS = 1000  # the BOS of the hand-made documents below
@@ -566,6 +573,11 @@ def test_bad_inputs_and_mismatched_states_are_clear_errors(tokenizer, wiki_shard
     # A state saved before long_documents existed was packed with crop, and resumes so.
     old_state = {key: value for key, value in state.items() if key != "long_documents"}
     next(pretraining_batches(wiki_shard, tokenizer, 2, 16, state=old_state))
+
+
+def test_default_buffers():
+    assert [pretraining_buffer(streams) for streams in (1, 8, 64, 256, 4096)] == [1000, 1000, 1000, 250, 64]
+    assert [evaluation_buffer(streams) for streams in (1, 8, 256)] == [1000, 125, 64]  # the old training default
 
 
 def test_stats_derive_crop_fraction_and_utilisation():

@@ -263,7 +263,8 @@ def test_metrics_and_config_files(tmp_path, tokenizer_dir, data_dir):
                                        "n_kv_head": 2, "n_embd": 64, "window_pattern": "SSSL"}  # fmt: skip
     assert derived["training_tokens"] == 4 * 256 and derived["flops_per_token"] > 0
     assert flags["depth"] == 2 and flags["warmdown_ratio"] == DEFAULTS["warmdown_ratio"]
-    assert flags["packing_buffer"] == 1000 and flags["long_documents"] == "crop"
+    assert flags["packing_buffer"] is None and flags["long_documents"] == "crop"
+    assert derived["packing_buffer"] == 1000  # 8 streams: 1,000 documents each
     # Saved resolved (a run must not depend on a symlink or the working folder staying as it was).
     val_file = data_dir / "pretrain" / "wikipedia_en" / "val_00000.parquet"
     assert config["data"]["val_files"] == [str(val_file.resolve())]

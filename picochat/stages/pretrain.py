@@ -82,10 +82,10 @@ DEFAULTS: dict[str, Any] = {
     "warmup_steps": 40, "warmdown_ratio": 0.65, "final_lr_frac": 0.05,
     "eval_every": 250, "eval_tokens": 80 * 524_288, "sample_every": 2000, "save_every": 0, "keep_checkpoints": 2,
     "seed": 42, "batch_lr_scale": None, "muon_weight_decay": None,
-    "packing_buffer": 1000, "long_documents": "crop",
+    "packing_buffer": None, "long_documents": "crop",
 }  # fmt: skip
-# What a run saved before a flag existed was trained with. packing_buffer None: the loader takes the buffer size
-# from the checkpoint's loader state (the old default depended on the number of streams).
+# What a run saved before a flag existed was trained with (packing_buffer None: the automatic size, which on
+# resume is the one the checkpoint's loader state was packed with).
 BEFORE_THE_FLAG: dict[str, Any] = {"packing_buffer": None, "long_documents": "crop"}
 # Flags that define the model or the data stream: changing them on --resume is an error, not an override.
 # (The schedule may change: a new --num-iterations is allowed, with a warning.)
@@ -114,8 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation files (then every positional file is used for training)")
     parser.add_argument("--text-column", default=None, help="parquet column / jsonl field with the text (text)")
     parser.add_argument("--packing-buffer", type=positive_int, metavar="DOCUMENTS",
-                        help="documents each packing stream picks the next piece of a row from (1000, as the "
-                             "reference's buffer per rank); more crops less and holds more in memory")
+                        help="documents each packing stream picks the next piece of a row from (auto: 1,000, "
+                             "fewer beyond 64 streams: 64,000 in all); more crops less, holds more in memory")
     parser.add_argument("--long-documents", choices=LONG_DOCUMENTS,
                         help="a document longer than a row: crop (use only its first row) or split (cut it into "
                              "BOS-prefixed pieces of one row, all trained on) (crop)")
@@ -208,6 +208,7 @@ def derive_plan(flags: dict[str, Any], vocab_size: int, world_size: int) -> dict
     import torch
 
     from picochat.gpt import GPT, GPTConfig
+    from picochat.packing import pretraining_buffer
     from picochat.trainer import gradient_accumulation_steps
 
     def meta_model(depth: int) -> GPT:
@@ -246,6 +247,7 @@ def derive_plan(flags: dict[str, Any], vocab_size: int, world_size: int) -> dict
     accumulation = gradient_accumulation_steps(total_batch_size, flags["device_batch_size"], seq_len, world_size)
     counts = model.parameter_counts()
     tokens = num_iterations * total_batch_size
+    packing_buffer = flags["packing_buffer"] or pretraining_buffer(total_batch_size // seq_len)
     return {
         "model_config": model.config.to_dict(),
         "window_sizes": model.window_sizes,
@@ -269,6 +271,7 @@ def derive_plan(flags: dict[str, Any], vocab_size: int, world_size: int) -> dict
         "matrix_lr": flags["matrix_lr"] * batch_scale,
         "scalar_lr": flags["scalar_lr"] * batch_scale,
         "weight_decay": weight_decay,
+        "packing_buffer": packing_buffer,
     }
 
 
@@ -338,7 +341,9 @@ def run(args: argparse.Namespace) -> int:
             keep_checkpoints=flags["keep_checkpoints"], compile=use_compile, wandb_run=args.wandb_run,
         )  # fmt: skip
 
-        packing = {"buffer_size": flags["packing_buffer"], "long_documents": flags["long_documents"]}
+        # A resumed run with the automatic buffer packs with the checkpoint's (buffer_size None: the state's).
+        buffer_size = plan["packing_buffer"] if resume_from is None else flags["packing_buffer"]
+        packing = {"buffer_size": buffer_size, "long_documents": flags["long_documents"]}
 
         def train_loader(**layout):
             return pretraining_batches(train_files, tokenizer, device=device, text_format=text_format, **packing,
@@ -440,8 +445,8 @@ def _log_plan(flags, plan, device, dtype, train_files, val_files) -> None:
         {"setting": "Muon weight decay", "value": f"{plan['weight_decay']:.4g} (cosine to 0)"},
         {"setting": "device / compute dtype", "value": f"{device} / {str(dtype).removeprefix('torch.')}"},
         {"setting": "data", "value": f"{len(train_files)} training files, {len(val_files)} validation files"},
-        {"setting": "packing", "value": f"best fit, buffer of {flags['packing_buffer'] or 'the checkpoint'} "
-                                        f"documents per stream, long documents: {flags['long_documents']}"},
+        {"setting": "packing", "value": f"best fit, {plan['packing_buffer']:,} documents per stream (on resume: "
+                                        f"as saved), long documents: {flags['long_documents']}"},
     ]  # fmt: skip
     for line in print_table(rows).splitlines():
         log(line)
