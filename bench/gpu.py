@@ -43,11 +43,12 @@ sys.path.insert(0, str(REPO))  # runs from a plain checkout: picochat need not b
 import torch  # noqa: E402
 
 from picochat import attention as attention_module  # noqa: E402
-from picochat.common import compile_backend, compiled_graph_count  # noqa: E402
+from picochat.common import compile_backend  # noqa: E402
 from picochat.fp8 import enable_fp8, native_fp8_available  # noqa: E402
 from picochat.gpt import GPT, GPTConfig  # noqa: E402
 from picochat.hardware import peak_bandwidth, peak_flops, peak_memory_bytes  # noqa: E402
 from picochat.stages.pretrain import resolve_embedding_dtype  # noqa: E402
+from picochat.trainer import compiled_graph_count  # noqa: E402
 
 VOCAB_SIZE = 32_768
 

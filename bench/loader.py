@@ -27,16 +27,7 @@ running, so wall figures moved between 0.7M and 1.45M tokens/s for ours across r
   reference 1.05M tokens/s (0.95 CPU-s per M tokens), first batch 6.1 s (it tokenizes all 190 books whole)
   concat 6.8M tokens/s: nothing is cropped, but no row starts with BOS
 Where ours spends its time (cProfile, 400 batches): tokenization ~65%, building the per-batch resumable state
-~17%, reading parquet ~11%, the packing itself ~5%, tensors ~1%. (Those figures are from before the buffer of
-1,000 documents per stream; building the state copied every buffered document then, 63% of the time with 1,000
-per stream, so the state now lists the documents instead.)
-
---packing-buffer N and --long-documents crop|split set ours; the JSON line gives ours' crop fraction, the tokens
-still buffered and the growth of the process's peak RSS while ours ran (ours runs first). Crop fraction counts
-tokens still buffered as not cropped, so a bigger buffer looks better early in a run: a document longer than a
-row waits until nothing shorter is left, and buffers fill up with them. At the cpu preset's shape (Wikipedia,
-8 streams of 512 tokens, vocab 8,192) 8 x 1,000 crops 25.5% of what it read in 400 steps, 8 x 125 35.3%, and
-both 41.7% per step from about step 1,600 on.
+~17%, reading parquet ~11%, the packing itself ~5%, tensors ~1%.
 """
 
 from __future__ import annotations
@@ -44,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -176,8 +166,7 @@ def measure(name, loader, batch_size, seq_len, bos, warmup, batches):
         rows += batch_size
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     if "streams" in stats:  # ours: a loader state
-        buffered = sum(len(document) for stream in stats["streams"] for document in stream["documents"])
-        stats = {**stats["stats"], "tokens_buffered": buffered}
+        stats = {**stats["stats"], "tokens_buffered": sum(int(s["lengths"].sum()) for s in stats["streams"])}
     return {
         "loader": name,
         "tokens_per_s": batches * batch_size * seq_len / seconds,
@@ -201,9 +190,6 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20, help="batches before timing")
     parser.add_argument("--batches", type=int, default=400, help="batches timed per loader (~1 epoch for ours)")
     parser.add_argument("--threads", type=int, default=None, help="tokenizer threads for ours (default min(4, cpus))")
-    parser.add_argument("--packing-buffer", type=int, default=None,
-                        help="documents per stream for ours (default: the loader's, 1,000)")
-    parser.add_argument("--long-documents", choices=("crop", "split"), default="crop", help="for ours (crop)")
     args = parser.parse_args()
 
     data_dir = resolve_data_dir(args.data_dir or os.environ.get("PICOCHAT_DATA_DIR")
@@ -214,15 +200,9 @@ def main() -> int:
     print(f"{len(files)} files, tokenizer: {tokenizer_name} (vocab {tokenizer.vocab_size:,}), B={B}, T={T}, "
           f"{os.cpu_count()} cpus, timing {args.batches} batches after {args.warmup}", file=sys.stderr)
 
-    # Ours runs first, so the growth of the process's peak RSS during it is ours' peak memory (buffers, queues,
-    # tokenizer work, the batch being built).
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ours_loader = pretraining_batches(files, tokenizer, B, T, tokenizer_threads=args.threads,
-                                      buffer_size=args.packing_buffer, long_documents=args.long_documents)
-    results = [measure("ours", ours_loader, B, T, bos, args.warmup, args.batches)]
-    ours_peak_rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024  # Linux: KiB
-    del ours_loader
-    results += [
+    results = [
+        measure("ours", pretraining_batches(files, tokenizer, B, T, tokenizer_threads=args.threads), B, T, bos,
+                args.warmup, args.batches),
         measure("reference", reference_loader(files, tokenizer, B, T), B, T, bos, args.warmup, args.batches),
         measure("concat", concat_loader(files, tokenizer, B, T), B, T, bos, args.warmup, args.batches),
     ]
@@ -245,10 +225,6 @@ def main() -> int:
         "reference_first_batch_s": round(reference["first_batch_s"], 3),
         "ours_utilisation": ours["utilisation"],
         "ours_crop_fraction": round(ours["crop_fraction"], 4),
-        "ours_packing_buffer": args.packing_buffer,
-        "ours_long_documents": args.long_documents,
-        "ours_peak_rss_growth_bytes": ours_peak_rss,
-        "ours_tokens_buffered": ours["tokens_buffered"],
         "reference_crop_fraction": round(reference["crop_fraction"], 4),
         "target_tokens_per_s": TARGET_TOKENS_PER_SECOND,
         "meets_target": ours["tokens_per_s"] >= TARGET_TOKENS_PER_SECOND,

@@ -5,12 +5,6 @@ document" are binary searches. PretrainingStream fills rows exactly, cropping wh
 whole conversations and pads the rest of a row with BOS. Each stream counts what packing did (PackingStats) and
 saves / restores its buffer as flat numpy arrays (safetensors-friendly). Which stream gets which document, and
 how streams make micro-batches on ranks, is picochat/packing.py's part.
-
-Documents longer than a row (pretraining), two ways (LONG_DOCUMENTS):
-    crop   only the first row of the document is ever used (the reference's behaviour); only its head is tokenized
-    split  the document is cut into pieces of at most one row, each starting with BOS, and every piece enters the
-           stream as a document of its own: nothing of a book is thrown away. Pieces wait in the stream's queue
-           like any received document, so the saved state holds the pieces not placed yet.
 """
 
 from __future__ import annotations
@@ -29,7 +23,6 @@ from picochat.common import PicochatError
 # English averages ~4-5 characters per token, so the first 8 x (T+2) characters of a document nearly always hold
 # more tokens than a row (see tokenize_documents).
 HEAD_CHARACTERS_PER_TOKEN = 8
-LONG_DOCUMENTS = ("crop", "split")
 
 
 @dataclass
@@ -46,8 +39,6 @@ class PackingStats:
     supervised_targets: int = 0  # SFT: targets that carry a loss (mask 1)
     documents_truncated: int = 0  # SFT: conversations longer than a row, cut to the row
     documents_dropped: int = 0  # SFT: conversations left without a supervised token (never packed)
-    documents_split: int = 0  # pretraining, split: documents longer than a row, cut into pieces
-    pieces_added: int = 0  # pretraining, split: pieces beyond each split document's first (each adds one BOS)
 
     @property
     def crop_fraction(self) -> float:
@@ -71,8 +62,7 @@ class PackingStats:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PackingStats:
-        # A counter missing from a state saved before it existed was 0 then.
-        return cls(**{field.name: int(values.get(field.name, 0)) for field in fields(cls)})
+        return cls(**{field.name: int(values[field.name]) for field in fields(cls)})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,21 +123,17 @@ def _unflatten(flat: Any, lengths: Any, dtype: type) -> list[np.ndarray]:
 class PretrainingStream:
     """One stream of documents (token arrays, BOS first) packed into rows of exactly T+1 tokens, no padding.
 
-    split=False ("crop"): a document longer than a row never fits, so it is only ever cropped, once, and at most
-    T+1 of its tokens are used: the stream keeps only its first T+2 tokens (one more than a row, so it still never
-    fits). Memory and saved state stay bounded however long the documents (a book is ~300K tokens). The rows are
-    the same as with whole documents, except that all documents longer than a row count as equally long: when one
-    of them has to be cropped, it is the oldest rather than the shortest.
-
-    split=True: such a document becomes pieces of at most T+1 tokens: its first T+1 tokens, then BOS + each next
-    T tokens. A full piece exactly fills an empty row; the last, shorter piece is best-fit like any document.
+    A document longer than a row never fits, so it is only ever cropped, once, and at most T+1 of its tokens are
+    used: the stream keeps only its first T+2 tokens (one more than a row, so it still never fits). Memory and
+    saved state stay bounded however long the documents (a book is ~300K tokens). The rows are the same as with
+    whole documents, except that all documents longer than a row count as equally long: when one of them has to
+    be cropped, it is the oldest rather than the shortest.
     """
 
-    def __init__(self, stream: int, buffer_size: int, row_capacity: int, split: bool = False) -> None:
+    def __init__(self, stream: int, buffer_size: int, row_capacity: int) -> None:
         self.stream = stream
         self.buffer_size = buffer_size
         self.row_capacity = row_capacity
-        self.split = split
         self.buffer = LengthSortedBuffer()
         self.queue: deque[np.ndarray] = deque()  # received, not yet taken into the buffer
         # Every document of this stream with a smaller global index has been received (so a reader resuming with
@@ -158,20 +144,13 @@ class PretrainingStream:
     def receive(self, document: np.ndarray, index: int, characters_skipped: int = 0) -> None:
         """Take the tokens of document number `index` (characters_skipped: its text left untokenized)."""
         self.stats.documents_read += 1
-        self.stats.characters_skipped += characters_skipped
-        self.next_document_index = index + 1
-        if self.split and len(document) > self.row_capacity:
-            pieces = split_document(document, self.row_capacity)
-            self.stats.documents_split += 1
-            self.stats.pieces_added += len(pieces) - 1
-            self.stats.tokens_read += sum(map(len, pieces))  # the added BOS count as read: they fill row slots
-            self.queue.extend(pieces)
-            return
         self.stats.tokens_read += len(document)
+        self.stats.characters_skipped += characters_skipped
         if len(document) > self.row_capacity + 1:
             self.stats.tokens_cropped += len(document) - (self.row_capacity + 1)  # can never be used
             document = document[: self.row_capacity + 1].copy()
         self.queue.append(document)
+        self.next_document_index = index + 1
 
     def fill_row(self, row: np.ndarray, read_more: Callable[[], bool]) -> bool:
         """Fill `row` completely. read_more() asks the reader for documents when the queue is empty (False: there
@@ -199,19 +178,13 @@ class PretrainingStream:
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        """The stream's state after the last row, built for every batch, so it must be cheap: the documents are
-        listed, not copied (a stream never changes a document array once received; rows copy out of them). With
-        1,000 documents per stream, concatenating them for every batch took 63% of the loader's time at B=32.
-        flat_stream_state turns it into flat arrays for a checkpoint (packing.merge_loader_states does)."""
+        tokens, lengths = _flatten([*self.buffer.items, *self.queue], np.int32)  # one copy per stream and batch
         return {"stream": self.stream, "next_document_index": self.next_document_index,
-                "stats": self.stats.counters(), "documents": [*self.buffer.items, *self.queue],
+                "stats": self.stats.counters(), "tokens": tokens, "lengths": lengths,
                 "buffered": len(self.buffer)}  # the first `buffered` documents are the buffer, the rest the queue
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "documents" in state:  # a state as yielded (not through a checkpoint)
-            documents = [np.asarray(document, dtype=np.int32) for document in state["documents"]]
-        else:
-            documents = _unflatten(state["tokens"], state["lengths"], np.int32)
+        documents = _unflatten(state["tokens"], state["lengths"], np.int32)
         buffered = int(state["buffered"])
         self.buffer = LengthSortedBuffer()
         for document in documents[:buffered]:  # stored in sorted order, ties included: re-adding rebuilds it exactly
@@ -221,35 +194,14 @@ class PretrainingStream:
         self.stats = PackingStats.from_dict(state["stats"])
 
 
-def split_document(document: np.ndarray, row_capacity: int) -> list[np.ndarray]:
-    """A document (BOS first) as pieces of at most row_capacity tokens, each starting with BOS, that together hold
-    every token of it in order: document[:C], then BOS + each next C-1 tokens."""
-    bos, content = document[:1], document[1:]
-    step = row_capacity - 1
-    return [np.concatenate([bos, content[start : start + step]]) for start in range(0, len(content), step)]
-
-
-def flat_stream_state(entry: dict[str, Any]) -> dict[str, Any]:
-    """A pretraining stream's state with its documents as flat int32 tokens + lengths (safetensors-friendly);
-    an entry that is already flat (or an SFT stream's) is returned as it is."""
-    if "documents" not in entry:
-        return entry
-    tokens, lengths = _flatten(entry["documents"], np.int32)
-    return {**{key: value for key, value in entry.items() if key != "documents"}, "tokens": tokens,
-            "lengths": lengths}
-
-
-def tokenize_documents(tokenizer: Any, texts: list[str], row_capacity: int, num_threads: int = 1,
-                       whole: bool = False) -> list[tuple[np.ndarray, int]]:
+def tokenize_documents(tokenizer: Any, texts: list[str], row_capacity: int, num_threads: int = 1
+                       ) -> list[tuple[np.ndarray, int]]:
     """(token ids with BOS first, characters left untokenized) for each text.
 
     A document longer than a row is only ever cropped to at most a row, so tokenizing all of it (a whole book)
     would be wasted work: only its head is tokenized. If the head turns out to fit in a row after all (an unusually
     dense text), the whole document is tokenized, so whether a document fits is always decided exactly.
-    whole=True (documents are split, not cropped): every text is tokenized whole.
     """
-    if whole:
-        return [(np.array(ids, dtype=np.int32), 0) for ids in _encode_with_bos(tokenizer, texts, num_threads)]
     head_characters = HEAD_CHARACTERS_PER_TOKEN * (row_capacity + 1)
     heads = [text[:head_characters] for text in texts]
     token_lists = _encode_with_bos(tokenizer, heads, num_threads)

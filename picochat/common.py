@@ -333,14 +333,3 @@ def compile_backend() -> str:
     if name not in _COMPILE_BACKENDS:
         raise PicochatError(f"$PICOCHAT_COMPILE_BACKEND={name!r}: expected one of {', '.join(_COMPILE_BACKENDS)}")
     return name
-
-
-def compiled_graph_count() -> int | None:
-    """Graphs torch.compile has produced in this process so far (every recompile adds one). The first step compiles
-    the model and one update function per parameter shape; a count that still grows after it means something
-    recompiles every few steps, which on a GPU costs far more than it saves."""
-    try:
-        from torch._dynamo.utils import counters
-    except ImportError:  # a torch without Dynamo's counters: not reported
-        return None
-    return int(counters["stats"]["unique_graphs"])

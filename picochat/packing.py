@@ -28,9 +28,9 @@ Streams: what makes exact resume possible on a different number of ranks
 
 State
     With each batch comes a dict: everything needed to continue exactly after that batch -- where the document
-    reader is, each stream's buffered and queued documents and counters (plain JSON values). Pass it back as
-    `state=` to resume; merge_loader_states combines the states of all ranks into one that any number of ranks can
-    resume from, with the documents as flat numpy int32 arrays (tokens + lengths) for safetensors: checkpoint that.
+    reader is, each stream's buffered and queued documents (numpy int32 arrays, flat tokens + lengths, for
+    safetensors) and counters (plain JSON values). Pass it back as `state=` to resume; merge_loader_states
+    combines the states of all ranks into one that any number of ranks can resume from.
 """
 
 from __future__ import annotations
@@ -42,50 +42,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from picochat.bestfit import (
-    LONG_DOCUMENTS,
-    PackingStats,
-    PretrainingStream,
-    SFTStream,
-    flat_stream_state,
-    tokenize_documents,
-)
+from picochat.bestfit import PackingStats, PretrainingStream, SFTStream, tokenize_documents
 from picochat.common import PicochatError
 from picochat.data import Cursor, TextFormat, find_text_files, iter_documents
 
-# The reference buffers ~1,000 documents (pretraining) and 100 conversations (SFT) per rank, and every row it packs
-# picks from that one buffer. Here every stream has its own buffer (a shared one would make what a stream emits
-# depend on which streams share its rank). Pretraining: each stream's buffer holds 1,000 documents (up to 64
-# streams; see pretraining_buffer), so every pick has as many candidates as the reference's. What this buys is a
-# transient: documents longer than a row pile up in a buffer (they are cropped only when nothing shorter is
-# left), so a buffer crops less until it is full of them, after a few rows per buffered document. Measured at
-# the cpu preset's shape (Wikipedia, vocabulary 8,192, 8 streams of 512 tokens, 400 steps): of the tokens read,
-# 8 x 125 (the old default, 1,000 split over the streams) cropped 35.3%, one buffer of 1,000 feeding all 8 rows
-# (the reference) 35.4%, 8 x 1,000 25.5%; from step ~1,600 on, all three crop ~41.8% per step. SFT: the budget
-# is split over the streams with a floor (conversations are padded, never cropped). Either depends on
-# num_streams and the flags only, never on the number of ranks.
-PRETRAINING_BUFFER_DOCUMENTS, PRETRAINING_BUFFER_TOTAL, PRETRAINING_MIN_BUFFER = 1000, 64_000, 64
-EVALUATION_BUFFER_BUDGET, EVALUATION_MIN_BUFFER = 1000, 64
+# The reference buffers ~1,000 documents (pretraining) and 100 conversations (SFT) per rank. Here every stream has
+# its own buffer: the default splits that budget over the streams of an optimizer step, with a floor so a stream
+# always has enough candidates for a good fit. It depends on num_streams only, never on the number of ranks,
+# because a different buffer size packs different rows.
+PRETRAINING_BUFFER_DOCUMENTS, PRETRAINING_MIN_BUFFER = 1000, 64
 SFT_BUFFER_CONVERSATIONS, SFT_MIN_BUFFER = 100, 16
 PRETRAINING_FORMAT, SFT_FORMAT = "picochat-pretraining-loader", "picochat-sft-loader"
-# Header keys that states saved before the key existed lack: the value those states were packed with.
-LEGACY_HEADER = {"long_documents": "crop"}
-
-
-def pretraining_buffer(num_streams: int) -> int:
-    """The default buffer per stream: 1,000 documents, fewer when there are more than 64 streams, so that all
-    streams together hold at most 64,000 (a buffer fills up with documents longer than a row: at 2,048 tokens per
-    row, 256 streams x 1,000 would hold ~2 GB on the host and in every checkpoint). That is still 250 per stream
-    for d12's 256 rows per step, 8x the reference's 1,000 per rank over its 32 rows, and never below 64."""
-    return max(PRETRAINING_MIN_BUFFER, min(PRETRAINING_BUFFER_DOCUMENTS, PRETRAINING_BUFFER_TOTAL // num_streams))
-
-
-def evaluation_buffer(num_streams: int) -> int:
-    """The buffer validation and bits-per-byte evaluation pack with: 1,000 documents split over the streams, at
-    least 64 (the training default before the buffer of 1,000 per stream). Fixed, so that changing how training
-    packs never moves a validation number, and numbers stay comparable with earlier runs; it also keeps each
-    evaluation's start cheap (8 x 1,000 documents to tokenize first would be ~3 s on 2 cores, at every eval)."""
-    return max(EVALUATION_MIN_BUFFER, EVALUATION_BUFFER_BUDGET // num_streams)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,7 +71,7 @@ def _check_positive_int(name: str, value: Any, example: str = "") -> int:
 
 
 def _check_layout(batch_size: Any, seq_len: Any, rank: Any, world_size: Any, num_streams: Any, buffer_size: Any,
-                  default_buffer: Callable[[int], int]) -> tuple[int, int]:
+                  default_buffer: tuple[int, int]) -> tuple[int, int]:
     """Validate the shape arguments; returns (num_streams, buffer_size) with their defaults filled in."""
     _check_positive_int("batch_size", batch_size, " (rows per micro-batch, e.g. 32)")
     _check_positive_int("seq_len", seq_len, " (tokens per row, e.g. 2048)")
@@ -121,7 +88,8 @@ def _check_layout(batch_size: Any, seq_len: Any, rank: Any, world_size: Any, num
             f"num_streams={num_streams} (rows per optimizer step) must be a multiple of batch_size x world_size "
             f"= {batch_size} x {world_size} = {unit}, so that every rank gets whole micro-batches; try {nearest}"
         )
-    buffer_size = default_buffer(num_streams) if buffer_size is None else buffer_size
+    budget, floor = default_buffer
+    buffer_size = max(floor, budget // num_streams) if buffer_size is None else buffer_size
     _check_positive_int("buffer_size", buffer_size, " (documents buffered per stream)")
     return num_streams, buffer_size
 
@@ -169,7 +137,7 @@ def _restore(state: Any, header: dict[str, Any], streams: list, batch_size: int)
     if not isinstance(state, dict) or not isinstance(state.get("streams"), list):
         raise PicochatError("loader state: expected the state dict yielded by the loader (with a 'streams' list)")
     for key, value in header.items():
-        if state.get(key, LEGACY_HEADER.get(key)) != value:
+        if state.get(key) != value:
             raise PicochatError(f"loader state: it was saved with {key}={state.get(key)!r} but this loader has "
                                 f"{key}={value!r}; resume with the same {key} (or start without the state)")
     try:
@@ -196,14 +164,11 @@ def _restore(state: Any, header: dict[str, Any], streams: list, batch_size: int)
 
 def merge_loader_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One state holding every stream, from the states of all ranks at the same step. Any rank of any world size
-    can resume from it, as long as num_streams stays the same: streams, not ranks, carry the packing state. The
-    result is ready for a checkpoint (numpy arrays and plain values): save this, not a state as yielded (whose
-    pretraining streams list their documents, see PretrainingStream.state_dict); one state merges to itself."""
+    can resume from it, as long as num_streams stays the same: streams, not ranks, carry the packing state."""
     if not states:
         raise PicochatError("merge_loader_states: no states given")
     merged = {key: value for key, value in states[0].items() if key not in ("streams", "readers", "stats")}
-    merged["streams"] = sorted((flat_stream_state(entry) for state in states for entry in state["streams"]),
-                               key=lambda e: e["stream"])
+    merged["streams"] = sorted((entry for state in states for entry in state["streams"]), key=lambda e: e["stream"])
     if "readers" in states[0]:
         merged["readers"] = [reader for state in states for reader in state["readers"]]
     stats = PackingStats()
@@ -230,7 +195,6 @@ def pretraining_batches(
     text_format: TextFormat | None = None,
     state: dict[str, Any] | None = None,
     buffer_size: int | None = None,
-    long_documents: str = "crop",
     loop: bool = True,
     tokenizer_threads: int | None = None,
     tokenizer_batch_size: int = 256,
@@ -241,27 +205,18 @@ def pretraining_batches(
     padding, every row starts with BOS. With num_streams = batch_size x world_size x accumulation it yields
     `accumulation` micro-batches per optimizer step (see the module docstring). loop=False: stop when the documents
     run out. state: one yielded earlier (or merge_loader_states of all ranks' states), to continue exactly.
-    buffer_size: documents each stream picks from (default: the state's when resuming, else
-    pretraining_buffer(num_streams): 1,000 up to 64 streams).
-    long_documents: "crop" (a document longer than a row gives only its first row) or "split" (it is cut into
-    BOS-prefixed pieces of at most a row, each packed like a document; see picochat/bestfit.py).
     tokenizer_threads (default min(4, cpus)) tokenize tokenizer_batch_size documents at a time.
     """
-    if long_documents not in LONG_DOCUMENTS:
-        raise PicochatError(f"long_documents must be one of {', '.join(LONG_DOCUMENTS)}, got {long_documents!r}")
-    saved_buffer = state.get("buffer_size") if isinstance(state, dict) else None
     num_streams, buffer_size = _check_layout(batch_size, seq_len, rank, world_size, num_streams, buffer_size,
-                                             lambda streams: saved_buffer or pretraining_buffer(streams))
-    split = long_documents == "split"
+                                             (PRETRAINING_BUFFER_DOCUMENTS, PRETRAINING_MIN_BUFFER))
     tokenizer_threads = _check_positive_int("tokenizer_threads", tokenizer_threads or min(4, os.cpu_count() or 1))
     _check_positive_int("tokenizer_batch_size", tokenizer_batch_size)
     paths, text_format, device = find_text_files(files), text_format or TextFormat(), _device(device)
     row_capacity = seq_len + 1
-    streams = [PretrainingStream(s, buffer_size, row_capacity, split)
-               for s in owned_streams(rank, world_size, num_streams)]
+    streams = [PretrainingStream(s, buffer_size, row_capacity) for s in owned_streams(rank, world_size, num_streams)]
     by_id = {stream.stream: stream for stream in streams}
     header = {"format": PRETRAINING_FORMAT, "version": 1, "num_streams": num_streams, "seq_len": seq_len,
-              "buffer_size": buffer_size, "long_documents": long_documents}
+              "buffer_size": buffer_size}
     first_micro_batch, cursor = 0, None
     if state is not None:
         first_micro_batch = _restore(state, header, streams, batch_size)
@@ -288,7 +243,7 @@ def pretraining_batches(
         if last is not None:
             cursor = last.to_dict()
         for index, (ids, skipped) in zip(indices, tokenize_documents(tokenizer, texts, row_capacity,
-                                                                     tokenizer_threads, whole=split)):
+                                                                     tokenizer_threads)):
             by_id[index % num_streams].receive(ids, index, skipped)
         return bool(texts)
 
@@ -342,7 +297,7 @@ def sft_batches(
     ending when one of this rank's streams runs out (the trainer should all-reduce "done" so ranks stop together).
     """
     num_streams, buffer_size = _check_layout(batch_size, seq_len, rank, world_size, num_streams, buffer_size,
-                                             lambda streams: max(SFT_MIN_BUFFER, SFT_BUFFER_CONVERSATIONS // streams))
+                                             (SFT_BUFFER_CONVERSATIONS, SFT_MIN_BUFFER))
     if isinstance(conversations, (str, bytes, dict)) or not hasattr(conversations, "__getitem__") or not hasattr(
         conversations, "__len__"
     ):
@@ -380,15 +335,3 @@ def sft_batches(
         return {"epoch": min(stream.next_index for stream in streams) // num_conversations}
 
     return _micro_batches(streams, batch_size, first_micro_batch, make_batch, header, epoch)
-
-
-def packing_counts(loader_states: list[Any]) -> tuple[int, int]:
-    """(tokens cropped, tokens read) so far by the loaders with these states; (0, 0) for loaders that count
-    neither. Each loader packs its own streams, so the sums over loaders and ranks are the run's totals."""
-    cropped = read = 0
-    for state in loader_states:
-        stats = state.get("stats") if isinstance(state, dict) else None
-        if isinstance(stats, dict):
-            cropped += int(stats.get("tokens_cropped", 0))
-            read += int(stats.get("tokens_read", 0))
-    return cropped, read

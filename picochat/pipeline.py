@@ -150,15 +150,12 @@ def plan_stages(preset: Preset, run_dir: Path, data_dir: Path) -> list[Stage]:
                     "--device-batch-size", str(p.device_batch_size),
                     "--target-param-data-ratio", str(p.target_param_data_ratio),
                     "--eval-every", str(p.eval_every), "--eval-tokens", str(p.eval_tokens),
-                    "--save-every", str(p.save_every), "--sample-every", str(1 << 30),
-                    "--long-documents", p.long_documents]  # fmt: skip
+                    "--save-every", str(p.save_every), "--sample-every", str(1 << 30)]  # fmt: skip
         # A huge --sample-every: greedy samples at the end only (they go into the report).
         if p.total_batch_size is not None:
             pretrain += ["--total-batch-size", str(p.total_batch_size)]
         if p.num_iterations is not None:
             pretrain += ["--num-iterations", str(p.num_iterations)]
-        if p.packing_buffer is not None:
-            pretrain += ["--packing-buffer", str(p.packing_buffer)]
     stages.append(Stage("pretrain", pretrain, distributed=True))
 
     stages.append(Stage("base-bpb", ["eval", "bpb", *where, *data, "--stage", "base", "--tokens", str(p.bpb_tokens)],

@@ -42,13 +42,6 @@ def nonempty_text(text: str) -> str:
     return text
 
 
-def long_documents(text: str) -> str:
-    choice = text.strip().lower()
-    if choice not in ("crop", "split"):  # bestfit.LONG_DOCUMENTS (not imported: presets stay free of numpy)
-        raise argparse.ArgumentTypeError(f"expected crop or split, got {text!r}")
-    return choice
-
-
 def setting(help_text: str, parse=None) -> dict:
     """Field metadata: the flag's help and its parser (None: a boolean --flag / --no-flag)."""
     return field(metadata={"help": help_text, "parse": parse})
@@ -76,11 +69,6 @@ class Preset:
     eval_every: int = setting("validation bits per byte every N steps (0: at the end)", _parser(int, 0))
     eval_tokens: int = setting("validation tokens per evaluation", _parser(int, 1))
     save_every: int = setting("checkpoint every N steps (how much an interruption can cost)", _parser(int, 0))
-    packing_buffer: int | None = setting("documents each packing stream picks from (auto: 1,000, at most 64,000 "
-                                         "in all; more: less cropped, more memory)",
-                                         _parser(int, 1, optional=True))  # fmt: skip
-    long_documents: str = setting("documents longer than a row: crop (first row only) or split (every piece)",
-                                  long_documents)  # fmt: skip
     # base model evaluation
     bpb_tokens: int = setting("tokens per split for the base model's bits per byte", _parser(int, 1))
     core_max_per_task: int | None = setting("CORE items per task (auto: all)", _parser(int, 1, optional=True))
@@ -127,9 +115,6 @@ CPU = Preset(
     # ~3,000 tok/s on 2 cores: 400 steps of 4,096 tokens (1.6M tokens, 0.31 per scaling parameter) in ~10 min.
     depth=4, max_seq_len=512, device_batch_size=8, total_batch_size=4096, num_iterations=400,
     target_param_data_ratio=8.0, eval_every=50, eval_tokens=32_768, save_every=50,
-    # long_documents=crop everywhere: split changes the data mix (the Gutenberg books would become about half of
-    # the tokens instead of 190 rows), which no run has measured yet.
-    packing_buffer=None, long_documents="crop",
     bpb_tokens=65_536, core_max_per_task=40,
     # Identity conversations many times over, a slice of instructions and GSM8K: the model must learn its name. With
     # identity:12 a sampled (temperature 0.6) answer to "What is your name?" named it 9 times in 10; identity:6, 3.
@@ -146,7 +131,6 @@ D12 = Preset(
     vocab_size=32_768, tokenizer_max_chars=2_000_000_000,
     depth=12, max_seq_len=2048, device_batch_size=32, total_batch_size=None, num_iterations=None,
     target_param_data_ratio=8.0, eval_every=250, eval_tokens=20 * 524_288, save_every=500,
-    packing_buffer=None, long_documents="crop",
     bpb_tokens=10 * 524_288, core_max_per_task=None,
     sft_mix="alpaca:2,code_alpaca:1,gpteacher_roleplay:1,glaive_toolcall:1,identity:2,gsm8k:2,arc:1,spelling:1",
     sft_num_iterations=None, sft_device_batch_size=16,

@@ -61,18 +61,9 @@ import torch
 import torch.distributed as dist
 
 from picochat.checkpoint import Checkpoint, save_checkpoint
-from picochat.common import (
-    PicochatError,
-    atomic_write_text,
-    compile_backend,
-    compiled_graph_count,
-    log,
-    progress,
-    warn,
-)
+from picochat.common import PicochatError, atomic_write_text, compile_backend, log, progress, warn
 from picochat.evaluation.bpb import evaluate_bpb
 from picochat.hardware import Distributed, is_distributed, peak_flops, peak_memory_bytes
-from picochat.packing import packing_counts
 
 GC_EVERY = 5000  # steps between manual garbage collections once gc is frozen
 UNTIMED_STEPS = 10  # the first steps (compilation, warm-up) do not count towards the training time
@@ -240,7 +231,6 @@ class Trainer:
         self.smooth_loss = 0.0  # EMA(0.9) of the loss, debiased when reported
         self.training_seconds = 0.0  # wall time of steps after the first UNTIMED_STEPS, without evals/saves
         self.min_val_bpb = float("inf")
-        self.crop_fraction: float | None = None  # the loaders' crop fraction after the last step (all ranks)
         self.last_eval_step = self.last_sample_step = -1
         self._stop_signal: int | None = None
         self._data_exhausted = False  # the training data ran out: the stage is over even before num_iterations
@@ -402,15 +392,13 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
 
         # One all-reduce and one host sync for: the global loss, "should we stop" (a signal may reach only some
-        # ranks), "did a loader run out" while prefetching, and what packing cropped so far on all ranks.
-        flags = [self._stop_signal is not None, next_batch is not None and next_batch.exhausted,
-                 *packing_counts(batch.loader_states)]
+        # ranks) and "did a loader run out" while prefetching.
+        flags = [self._stop_signal is not None, next_batch is not None and next_batch.exhausted]
         reduced = torch.cat([loss_sum.view(1), torch.tensor(flags, dtype=torch.float32, device=self.ranks.device)])
         if is_distributed():
             dist.all_reduce(reduced)
         reduced[0] /= batch.count.clamp(min=1)
-        loss_value, stop_votes, exhausted_votes, tokens_cropped, tokens_read = reduced.tolist()
-        self.crop_fraction = tokens_cropped / tokens_read if tokens_read else None
+        loss_value, stop_votes, exhausted_votes = reduced.tolist()
         if stop_votes > 0 and self._stop_signal is None:
             self._stop_signal = signal.SIGTERM  # another rank was asked to stop
         if next_batch is not None:
@@ -437,8 +425,6 @@ class Trainer:
             "mfu": None if mfu is None else round(mfu, 5),
             "peak_memory_bytes": peak_memory_bytes(self.ranks.device),
             "training_seconds": round(self.training_seconds, 3),
-            # Tokens the loaders read but cropped away / tokens read, since the run started (see bestfit.py).
-            "crop_fraction": None if self.crop_fraction is None else round(self.crop_fraction, 4),
         }
         if settings.compile:
             metrics["compiled_graphs"] = compiled_graph_count()
@@ -595,6 +581,17 @@ class Trainer:
                 signal.signal(sig, old)
 
         return restore
+
+
+def compiled_graph_count() -> int | None:
+    """Graphs torch.compile has produced in this process so far (every recompile adds one). The first step compiles
+    the model and one update function per parameter shape; a count that still grows after it means something
+    recompiles every few steps, which on a GPU costs far more than it saves."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # a torch without Dynamo's counters: not reported
+        return None
+    return int(counters["stats"]["unique_graphs"])
 
 
 def read_metrics(stage_dir: str | os.PathLike) -> list[dict[str, Any]]:

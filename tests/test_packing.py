@@ -11,16 +11,9 @@ import pytest
 import tiktoken.load
 import torch
 
-from picochat.bestfit import PackingStats, PretrainingStream, split_document, tokenize_documents
+from picochat.bestfit import PackingStats, PretrainingStream, tokenize_documents
 from picochat.common import PicochatError
-from picochat.packing import (
-    evaluation_buffer,
-    merge_loader_states,
-    owned_streams,
-    pretraining_batches,
-    pretraining_buffer,
-    sft_batches,
-)
+from picochat.packing import merge_loader_states, owned_streams, pretraining_batches, sft_batches
 from picochat.tokenizer import Tokenizer
 
 BOS = 1000  # the BOS of the hand-made documents below
@@ -173,7 +166,7 @@ def test_rows_are_full_start_with_bos_and_every_token_is_accounted_for():
 
 
 def test_pretraining_batches_are_shifted_rows_of_real_documents(tokenizer, wiki_shard):
-    batches = take(pretraining_batches(wiki_shard, tokenizer, 4, 64, buffer_size=64), 5)  # from row group 0
+    batches = take(pretraining_batches(wiki_shard, tokenizer, 4, 64), 5)
     bos = tokenizer.bos_token_id
     import pyarrow.parquet as pq
 
@@ -223,7 +216,7 @@ def test_documents_longer_than_a_row_are_tokenized_and_kept_only_at_their_head(t
     assert stats["characters_skipped"] == len(book) - head  # the rest of the book was never tokenized
     assert stats["tokens_read"] < len(whole_book) // 10
     for entry in batches[-1][2]["streams"]:  # never more than a row + 1 tokens kept per document
-        assert max(map(len, entry["documents"]), default=0) <= seq_len + 2
+        assert entry["lengths"].max(initial=0) <= seq_len + 2
 
 
 def test_only_the_head_of_a_long_text_is_tokenized_unless_it_might_fit(tokenizer, data_dir):
@@ -242,69 +235,6 @@ def test_only_the_head_of_a_long_text_is_tokenized_unless_it_might_fit(tokenizer
     assert len(dash_ids) <= capacity + 1
 
 
-def test_split_cuts_a_long_document_into_bos_pieces_that_hold_all_of_it():
-    document = np.array([BOS, *range(1, 24)], dtype=np.int32)  # BOS + 23 tokens
-    pieces = split_document(document, 10)
-    assert [len(piece) for piece in pieces] == [10, 10, 6]  # BOS + 9 tokens each, then BOS + the last 5
-    assert all(piece[0] == BOS for piece in pieces)
-    assert np.concatenate([piece[1:] for piece in pieces]).tolist() == document[1:].tolist()
-    stream = PretrainingStream(0, buffer_size=4, row_capacity=10, split=True)
-    stream.receive(document, 0)
-    stream.receive(np.array([BOS, 7, 7], dtype=np.int32), 1)  # fits a row: stays whole
-    assert [piece.tolist() for piece in stream.queue] == [piece.tolist() for piece in pieces] + [[BOS, 7, 7]]
-    assert stream.stats.documents_split == 1 and stream.stats.pieces_added == 2
-    assert stream.stats.tokens_read == 26 + 3 and stream.stats.tokens_cropped == 0
-
-
-def test_long_documents_split_trains_on_the_whole_book(tokenizer, data_dir, tmp_path):
-    import pyarrow.parquet as pq
-
-    book = pq.ParquetFile(data_dir / "pretrain/gutenberg_books/shard_00000.parquet").read_row_group(0)["text"][0]
-    book = book.as_py()[:20_000]
-    short = [f"Short note number {i}." for i in range(20)]
-    path = tmp_path / "mixed.jsonl"
-    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in [book, *short]))
-    seq_len = 40
-    batches = list(pretraining_batches([path], tokenizer, 1, seq_len, loop=False, buffer_size=4,
-                                       long_documents="split"))
-    bos = tokenizer.bos_token_id
-    whole_book = np.array([bos] + tokenizer.encode(book), dtype=np.int32)
-    pieces = [piece.tolist() for piece in split_document(whole_book, seq_len + 1)]
-    encoded = pieces + [[bos] + ids for ids in tokenizer.encode(short)]
-    placed = []
-    for x, y, _ in batches:
-        row = x[0].tolist() + [int(y[0, -1])]
-        starts = [i for i, token in enumerate(row) if token == bos] + [len(row)]
-        for begin, end in zip(starts, starts[1:]):
-            piece = row[begin:end]
-            assert any(document[: len(piece)] == piece for document in encoded), "a row piece is no document"
-            placed += [piece] if piece in pieces else []
-    # Full pieces fill a row exactly, so each is trained on whole; at most the stream's leftovers are lost.
-    assert len(placed) >= len(pieces) - 4 and sorted(map(tuple, placed)) == sorted(set(map(tuple, placed)))
-    stats = batches[-1][2]["stats"]
-    assert stats["characters_skipped"] == 0 and stats["documents_split"] == 1
-    assert stats["pieces_added"] == len(pieces) - 1
-    assert stats["tokens_read"] == sum(map(len, encoded))
-
-
-def test_a_buffer_of_1000_documents_per_stream_crops_less_than_the_old_share(tokenizer, wiki_shard):
-    """The old default split 1,000 documents over the streams: 125 each for the cpu preset's 8. One stream of 400
-    rows of 512 tokens here (what each of those 8 streams emits in the preset's 400 steps)."""
-
-    def crop_fractions(buffer_size: int) -> tuple[float, float]:
-        """(crop fraction after 400 rows, cropped / (cropped + trained) over rows 200-400)."""
-        states = [state["stats"] for _, _, state in take(pretraining_batches(wiki_shard, tokenizer, 1, 512,
-                                                                             buffer_size=buffer_size), 400)]
-        cropped = states[399]["tokens_cropped"] - states[199]["tokens_cropped"]
-        used = states[399]["row_tokens"] - states[199]["row_tokens"]
-        return states[399]["crop_fraction"], cropped / (cropped + used)
-
-    (old, old_window), (new, new_window) = crop_fractions(125), crop_fractions(1000)
-    assert new < old - 0.05, (old, new)  # measured 0.27 -> 0.19
-    # Not only because more of what was read still waits in the buffers: rows end in fewer cropped documents.
-    assert new_window < old_window - 0.05, (old_window, new_window)  # measured 0.37 -> 0.25
-
-
 def collect_rows_per_stream(loader_per_rank: list[Iterator], world_size: int, batch_size: int, num_streams: int,
                             steps: int) -> dict[int, list[list[int]]]:
     """Run each rank's loader for `steps` optimizer steps; return every stream's rows (inputs + last target)."""
@@ -320,16 +250,14 @@ def collect_rows_per_stream(loader_per_rank: list[Iterator], world_size: int, ba
     return rows
 
 
-@pytest.mark.parametrize("long_documents", ["crop", "split"])
-def test_pretraining_rows_of_a_step_do_not_depend_on_ranks_or_accumulation(tokenizer, wiki_shard, long_documents):
+def test_pretraining_rows_of_a_step_do_not_depend_on_ranks_or_accumulation(tokenizer, wiki_shard):
     num_streams, seq_len, steps = 8, 32, 6
     results = []
     for world_size, batch_size in [(1, 4), (2, 4), (2, 2)]:  # accumulation 2, 1, 2
         loaders = [
             # Small tokenizer batches: many reads, so the streams' queues fill and drain unevenly.
             pretraining_batches(wiki_shard, tokenizer, batch_size, seq_len, rank=rank, world_size=world_size,
-                                num_streams=num_streams, buffer_size=8, tokenizer_batch_size=8,
-                                long_documents=long_documents)
+                                num_streams=num_streams, buffer_size=8, tokenizer_batch_size=8)
             for rank in range(world_size)
         ]
         results.append(collect_rows_per_stream(loaders, world_size, batch_size, num_streams, steps))
@@ -338,9 +266,7 @@ def test_pretraining_rows_of_a_step_do_not_depend_on_ranks_or_accumulation(token
 
 
 def as_checkpoint(state: dict) -> dict:
-    """What a checkpoint does to a state: merged (the trainer saves merge_loader_states of its loaders' states),
-    numpy arrays to safetensors, the rest through JSON."""
-    state = merge_loader_states([state])
+    """What a checkpoint does to a state: numpy arrays to safetensors, the rest through JSON."""
     arrays: dict[str, np.ndarray] = {}
 
     def strip(value, path):
@@ -364,33 +290,26 @@ def as_checkpoint(state: dict) -> dict:
     return restore(json.loads(json.dumps(strip(state, "state"))))
 
 
-# split: mid-run, the streams' queues hold pieces of documents not placed yet. None: the default buffer (1,000),
-# which the resumed loader takes from the state.
-@pytest.mark.parametrize("buffer_size,long_documents", [(16, "crop"), (16, "split"), (None, "crop")])
-def test_pretraining_resume_continues_exactly(tokenizer, wiki_shard, buffer_size, long_documents):
+def test_pretraining_resume_continues_exactly(tokenizer, wiki_shard):
     def loader(state=None):
         # Accumulation 2, so the resume point (after micro-batch 3) is in the middle of an optimizer step.
-        return pretraining_batches(wiki_shard, tokenizer, 2, 48, num_streams=4, buffer_size=buffer_size,
-                                   state=state, tokenizer_batch_size=8, long_documents=long_documents)
+        return pretraining_batches(wiki_shard, tokenizer, 2, 48, num_streams=4, buffer_size=16, state=state,
+                                   tokenizer_batch_size=8)
 
     uninterrupted = take(loader(), 14)
     state = as_checkpoint(uninterrupted[2][2])
-    if long_documents == "split":
-        assert state["stats"]["documents_split"] > 0
     resumed = take(loader(state), 11)
     for (x1, y1, s1), (x2, y2, s2) in zip(uninterrupted[3:], resumed, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
         assert s1["stats"] == s2["stats"] and s1["readers"] == s2["readers"]
 
 
-@pytest.mark.parametrize("long_documents", ["crop", "split"])
-def test_pretraining_resume_on_a_different_number_of_ranks(tokenizer, wiki_shard, long_documents):
+def test_pretraining_resume_on_a_different_number_of_ranks(tokenizer, wiki_shard):
     num_streams, seq_len = 4, 32
 
     def loader(rank, world_size, batch_size, state=None):
         return pretraining_batches(wiki_shard, tokenizer, batch_size, seq_len, rank=rank, world_size=world_size,
-                                   num_streams=num_streams, state=state, buffer_size=8, tokenizer_batch_size=8,
-                                   long_documents=long_documents)
+                                   num_streams=num_streams, state=state, buffer_size=8, tokenizer_batch_size=8)
 
     # Two ranks run 3 steps; their states are merged; one rank with accumulation 2 takes over.
     two_ranks = [loader(rank, 2, 2) for rank in range(2)]
@@ -555,29 +474,16 @@ def test_bad_inputs_and_mismatched_states_are_clear_errors(tokenizer, wiki_shard
     with pytest.raises(PicochatError, match="conversation 1: "):
         good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
         next(sft_batches([good, [{"role": "robot", "content": "x"}]], tokenizer, 1, 16))
-    state = next(pretraining_batches(wiki_shard, tokenizer, 2, 16, buffer_size=8))[2]
+    state = next(pretraining_batches(wiki_shard, tokenizer, 2, 16))[2]
     with pytest.raises(PicochatError, match="seq_len=16 but this loader has seq_len=32"):
         pretraining_batches(wiki_shard, tokenizer, 2, 32, state=state)
-    rank_state = next(pretraining_batches(wiki_shard, tokenizer, 2, 16, rank=1, world_size=2, num_streams=4,
-                                          buffer_size=8))[2]
+    rank_state = next(pretraining_batches(wiki_shard, tokenizer, 2, 16, rank=1, world_size=2, num_streams=4))[2]
     with pytest.raises(PicochatError, match="no entry for stream 0.*merge_loader_states"):
         pretraining_batches(wiki_shard, tokenizer, 2, 16, num_streams=4, state=rank_state)
     with pytest.raises(PicochatError, match="device 'gpu7'"):
         pretraining_batches(wiki_shard, tokenizer, 2, 16, device="gpu7")
     with pytest.raises(PicochatError, match="expected the state dict"):
         pretraining_batches(wiki_shard, tokenizer, 2, 16, state={"cursor": 3})
-    with pytest.raises(PicochatError, match="long_documents must be one of crop, split, got 'keep'"):
-        pretraining_batches(wiki_shard, tokenizer, 2, 16, long_documents="keep")
-    with pytest.raises(PicochatError, match="long_documents='crop' but this loader has long_documents='split'"):
-        pretraining_batches(wiki_shard, tokenizer, 2, 16, state=state, long_documents="split")
-    # A state saved before long_documents existed was packed with crop, and resumes so.
-    old_state = {key: value for key, value in state.items() if key != "long_documents"}
-    next(pretraining_batches(wiki_shard, tokenizer, 2, 16, state=old_state))
-
-
-def test_default_buffers():
-    assert [pretraining_buffer(streams) for streams in (1, 8, 64, 256, 4096)] == [1000, 1000, 1000, 250, 64]
-    assert [evaluation_buffer(streams) for streams in (1, 8, 256)] == [1000, 125, 64]  # the old training default
 
 
 def test_stats_derive_crop_fraction_and_utilisation():

@@ -22,7 +22,6 @@ from helpers import TINY, new_run, wiki_args
 from safetensors.torch import load_file
 
 from picochat.cli import main
-from picochat.common import PicochatError
 from picochat.stages.pretrain import DEFAULTS, derive_plan
 from picochat.trainer import read_metrics
 
@@ -209,7 +208,6 @@ def test_metrics_and_config_files(tmp_path, tokenizer_dir, data_dir):
                     "peak_memory_bytes", "elapsed_seconds", "training_seconds"):  # fmt: skip
             assert math.isfinite(event[key]) and event[key] >= 0, key
         assert 0 < event["mfu"] < 1 and event["peak_memory_bytes"] > 10 * 2**20
-        assert 0 < event["crop_fraction"] < 1  # rows of 33 tokens crop most Wikipedia articles
     assert train[0]["lr_multiplier"] == pytest.approx(0.5)  # warmup 2 steps: (0 + 1) / 2
     assert [e["step"] for e in events if e["event"] == "eval"] == [0, 2, 4]
     assert all(0 < e["val_bpb"] < 20 for e in events if e["event"] == "eval")
@@ -232,8 +230,6 @@ def test_metrics_and_config_files(tmp_path, tokenizer_dir, data_dir):
                                        "n_kv_head": 2, "n_embd": 64, "window_pattern": "SSSL"}  # fmt: skip
     assert derived["training_tokens"] == 4 * 256 and derived["flops_per_token"] > 0
     assert flags["depth"] == 2 and flags["warmdown_ratio"] == DEFAULTS["warmdown_ratio"]
-    assert flags["packing_buffer"] is None and flags["long_documents"] == "crop"
-    assert derived["packing_buffer"] == 1000  # 8 streams: 1,000 documents each
     # Saved resolved (a run must not depend on a symlink or the working folder staying as it was).
     val_file = data_dir / "pretrain" / "wikipedia_en" / "val_00000.parquet"
     assert config["data"]["val_files"] == [str(val_file.resolve())]
@@ -285,30 +281,13 @@ def test_every_derived_value_can_be_overridden():
     assert derive_plan({**flags, "total_batch_size": 2**18}, 32768, 1)["batch_lr_scale"] == pytest.approx(0.5**0.5)
 
 
-def test_packing_flags_resume_as_saved_and_runs_from_before_them_keep_their_packing():
-    import argparse
-
-    from picochat.stages.pretrain import resolve_flags
-
-    given = argparse.Namespace(packing_buffer=None, long_documents=None)
-    saved = {**DEFAULTS, "packing_buffer": 200, "long_documents": "split"}
-    resumed = resolve_flags(given, saved)
-    assert resumed["packing_buffer"] == 200 and resumed["long_documents"] == "split"
-    # A run saved before the flags: the loader takes the buffer size from the checkpoint's state, and it cropped.
-    before = resolve_flags(given, {k: v for k, v in DEFAULTS.items() if k not in ("packing_buffer", "long_documents")})
-    assert before["packing_buffer"] is None and before["long_documents"] == "crop"
-    with pytest.raises(PicochatError, match="--long-documents was 'split' for this run, not 'crop'"):
-        resolve_flags(argparse.Namespace(long_documents="crop"), saved)
-
-
 # ---- mistakes -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "flag, value",
     [("--device-batch-size", "0"), ("--warmdown-ratio", "1.5"), ("--window-pattern", "SXL"), ("--depth", "two"),
-     ("--matrix-lr", "-1"), ("--eval-every", "-5"), ("--resume", "soon"), ("--target-flops", "inf"),
-     ("--packing-buffer", "0"), ("--long-documents", "keep")],
+     ("--matrix-lr", "-1"), ("--eval-every", "-5"), ("--resume", "soon"), ("--target-flops", "inf")],
 )  # fmt: skip
 def test_bad_flag_values_are_usage_errors(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:

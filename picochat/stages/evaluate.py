@@ -230,7 +230,7 @@ def evaluate_bpb(args: argparse.Namespace, device, rank: int, world_size: int) -
     from picochat.checkpoint import read_stage_config
     from picochat.data import TextFormat
     from picochat.evaluation.bpb import evaluate_bpb as run_bpb
-    from picochat.packing import evaluation_buffer, pretraining_batches
+    from picochat.packing import pretraining_batches
 
     run_dir, stage, step, model, tokenizer = _load(args, device)
     stage_config = read_stage_config(run_dir / stage)
@@ -247,8 +247,8 @@ def evaluate_bpb(args: argparse.Namespace, device, rank: int, world_size: int) -
     for split, files in sources.items():
         started = time.perf_counter()
         loader = pretraining_batches(files, tokenizer, batch_size, seq_len, device=device, rank=rank,
-                                     world_size=world_size, text_format=text_format, loop=False,
-                                     buffer_size=evaluation_buffer(batch_size * world_size))
+                                     world_size=world_size, text_format=text_format,
+                                     loop=False)
         used = [0]
 
         def batches(loader=loader, used=used):

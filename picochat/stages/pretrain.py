@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from picochat.bestfit import LONG_DOCUMENTS
 from picochat.common import (
     PicochatError,
     add_run_arguments,
@@ -82,15 +81,12 @@ DEFAULTS: dict[str, Any] = {
     "warmup_steps": 40, "warmdown_ratio": 0.65, "final_lr_frac": 0.05,
     "eval_every": 250, "eval_tokens": 80 * 524_288, "sample_every": 2000, "save_every": 0, "keep_checkpoints": 2,
     "seed": 42, "batch_lr_scale": None, "muon_weight_decay": None, "fp8": False,
-    "embedding_dtype": "auto", "packing_buffer": None, "long_documents": "crop",
+    "embedding_dtype": "auto",
 }  # fmt: skip
-# What a run saved before a flag existed was trained with (packing_buffer None: the automatic size, which on
-# resume is the one the checkpoint's loader state was packed with).
-BEFORE_THE_FLAG: dict[str, Any] = {"packing_buffer": None, "long_documents": "crop"}
 # Flags that define the model or the data stream: changing them on --resume is an error, not an override.
 # (The schedule may change: a new --num-iterations is allowed, with a warning.)
 FIXED_ON_RESUME = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "window_pattern", "total_batch_size",
-                   "paths", "val", "text_column", "packing_buffer", "long_documents")  # fmt: skip
+                   "paths", "val", "text_column")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,12 +109,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", nargs="+", default=None, metavar="PATH",
                         help="validation files (then every positional file is used for training)")
     parser.add_argument("--text-column", default=None, help="parquet column / jsonl field with the text (text)")
-    parser.add_argument("--packing-buffer", type=positive_int, metavar="DOCUMENTS",
-                        help="documents each packing stream picks the next piece of a row from (auto: 1,000, "
-                             "fewer beyond 64 streams: 64,000 in all); more crops less, holds more in memory")
-    parser.add_argument("--long-documents", choices=LONG_DOCUMENTS,
-                        help="a document longer than a row: crop (use only its first row) or split (cut it into "
-                             "BOS-prefixed pieces of one row, all trained on) (crop)")
     where = parser.add_argument_group("run")
     add_run_arguments(where)
     where.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
@@ -184,8 +174,6 @@ def resolve_flags(args: argparse.Namespace, saved: dict[str, Any] | None) -> dic
         given = getattr(args, name, None)
         if given == []:  # no positional paths
             given = None
-        if saved is not None and name not in saved and name in BEFORE_THE_FLAG:
-            saved = {**saved, name: BEFORE_THE_FLAG[name]}
         if saved is not None and name in saved:
             if given is not None and name in FIXED_ON_RESUME and not _same(given, saved[name]):
                 flag = "the data paths" if name == "paths" else f"--{name.replace('_', '-')}"
@@ -215,7 +203,6 @@ def derive_plan(flags: dict[str, Any], vocab_size: int, world_size: int) -> dict
     import torch
 
     from picochat.gpt import GPT, GPTConfig
-    from picochat.packing import pretraining_buffer
     from picochat.trainer import gradient_accumulation_steps
 
     def meta_model(depth: int) -> GPT:
@@ -254,7 +241,6 @@ def derive_plan(flags: dict[str, Any], vocab_size: int, world_size: int) -> dict
     accumulation = gradient_accumulation_steps(total_batch_size, flags["device_batch_size"], seq_len, world_size)
     counts = model.parameter_counts()
     tokens = num_iterations * total_batch_size
-    packing_buffer = flags["packing_buffer"] or pretraining_buffer(total_batch_size // seq_len)
     return {
         "model_config": model.config.to_dict(),
         "window_sizes": model.window_sizes,
@@ -278,7 +264,6 @@ def derive_plan(flags: dict[str, Any], vocab_size: int, world_size: int) -> dict
         "matrix_lr": flags["matrix_lr"] * batch_scale,
         "scalar_lr": flags["scalar_lr"] * batch_scale,
         "weight_decay": weight_decay,
-        "packing_buffer": packing_buffer,
     }
 
 
@@ -301,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.data import TextFormat, default_pretraining_files, find_text_files, split_train_val
     from picochat.gpt import GPT, GPTConfig
     from picochat.hardware import distributed_session
-    from picochat.packing import evaluation_buffer, pretraining_batches
+    from picochat.packing import pretraining_batches
     from picochat.tokenizer import Tokenizer
     from picochat.trainer import Trainer, TrainSettings
 
@@ -355,17 +340,11 @@ def run(args: argparse.Namespace) -> int:
             keep_checkpoints=flags["keep_checkpoints"], compile=use_compile, wandb_run=args.wandb_run,
         )  # fmt: skip
 
-        # A resumed run with the automatic buffer packs with the checkpoint's (buffer_size None: the state's).
-        buffer_size = plan["packing_buffer"] if resume_from is None else flags["packing_buffer"]
-        packing = {"buffer_size": buffer_size, "long_documents": flags["long_documents"]}
-
         def train_loader(**layout):
-            return pretraining_batches(train_files, tokenizer, device=device, text_format=text_format, **packing,
-                                       **layout)
+            return pretraining_batches(train_files, tokenizer, device=device, text_format=text_format, **layout)
 
-        def val_loader(**layout):  # packed the same whatever the training packing (packing.evaluation_buffer)
-            return pretraining_batches(val_files, tokenizer, device=device, text_format=text_format,
-                                       buffer_size=evaluation_buffer(layout["num_streams"]), **layout)
+        def val_loader(**layout):
+            return pretraining_batches(val_files, tokenizer, device=device, text_format=text_format, **layout)
 
         location = f"--run-dir {run_dir}" if args.run_dir else f"--run {args.run or 'default'}"
         config = {
@@ -392,10 +371,9 @@ def run(args: argparse.Namespace) -> int:
         step = trainer.run()
         if step >= settings.num_iterations:
             best = "n/a" if math.isinf(trainer.min_val_bpb) else f"{trainer.min_val_bpb:.4f}"
-            crop = "n/a" if trainer.crop_fraction is None else f"{trainer.crop_fraction:.1%}"
             log(f"pretraining done: {step:,} steps in {(time.perf_counter() - start) / 60:.1f} min "
-                f"(training time {trainer.training_seconds / 60:.1f} min), best validation bpb {best}, "
-                f"{crop} of the tokens read cropped away; weights in {stage_dir / 'model.safetensors'}")  # fmt: skip
+                f"(training time {trainer.training_seconds / 60:.1f} min), best validation bpb {best}; "
+                f"weights in {stage_dir / 'model.safetensors'}")  # fmt: skip
     return 0
 
 
@@ -469,8 +447,6 @@ def _log_plan(flags, plan, device, dtype, train_files, val_files) -> None:
         {"setting": "Muon weight decay", "value": f"{plan['weight_decay']:.4g} (cosine to 0)"},
         {"setting": "device / compute dtype", "value": f"{device} / {str(dtype).removeprefix('torch.')}"},
         {"setting": "data", "value": f"{len(train_files)} training files, {len(val_files)} validation files"},
-        {"setting": "packing", "value": f"best fit, {plan['packing_buffer']:,} documents per stream (on resume: "
-                                        f"as saved), long documents: {flags['long_documents']}"},
     ]  # fmt: skip
     for line in print_table(rows).splitlines():
         log(line)
