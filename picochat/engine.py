@@ -59,7 +59,7 @@ def prepare_for_inference(model, compute_dtype: torch.dtype | None = None, *, co
     copy=True leaves `model` untouched (its fp32 masters can keep training); tensors already in the right dtype
     are shared, not duplicated. copy=False converts `model` in place (picochat.load, where nobody else holds it).
     """
-    from picochat.gpt import rotary_tables
+    from picochat.rotary import rotary_tables
 
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: the module underneath
     dtype = compute_dtype or model.compute_dtype

@@ -44,8 +44,8 @@ from picochat.attention import KVCache, RowPositions, SlotKVCache, attention
 from picochat.common import PicochatError
 from picochat.fp8 import fp8_linear
 from picochat.loss import SOFTCAP, softcapped_cross_entropy
+from picochat.rotary import apply_rotary, rotary_tables
 
-ROPE_BASE = 100_000
 QK_SCALE = 1.2  # after QK-norm, q and k are each multiplied by this: sharper attention than 1/sqrt(D) alone
 SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the embedding
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of the block input
@@ -202,28 +202,6 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
-def rotary_tables(
-    num_positions: int, head_dim: int, *, base: float = ROPE_BASE, device=None, dtype=torch.float32
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (1, num_positions, 1, head_dim / 2): angle[t, i] = t * base^(-2i / head_dim).
-    Computed in fp32, then stored in the compute dtype."""
-    inverse_frequency = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    positions = torch.arange(num_positions, dtype=torch.float32, device=device)
-    angles = torch.outer(positions, inverse_frequency)
-    return angles.cos()[None, :, None, :].to(dtype), angles.sin()[None, :, None, :].to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x[..., i], x[..., i + D/2]) of every head by its position's angle (half-split RoPE):
-    (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos). Dot products q.k then depend only on relative position.
-
-    Computed as x * [cos, cos] + [x2, x1] * [-sin, sin]: one swap of the halves and one multiply-add over the whole
-    head, rather than four products of half-width slices and a concatenation (~3x faster on CPU, and its backward
-    needs no zero-filled slice gradients)."""
-    swapped = x.unflatten(-1, (2, x.size(-1) // 2)).flip(-2).flatten(-2)
-    return torch.addcmul(x * torch.cat([cos, cos], dim=-1), swapped, torch.cat([-sin, sin], dim=-1))
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
@@ -271,8 +249,10 @@ class _ReluSquaredProjection(torch.autograd.Function):
     def backward(ctx, grad_output):
         hidden, weight = ctx.saved_tensors
         relu = torch.relu(hidden)
-        grad_weight = (grad_output.flatten(0, -2).T @ relu.square().flatten(0, -2)).to(weight.dtype)
-        grad_hidden = (grad_output @ weight.to(hidden.dtype)).mul_(relu).mul_(2)  # d relu(h)^2 / dh = 2 relu(h)
+        grad_weight = (grad_output.flatten(0, -2).T @ (relu * relu).flatten(0, -2)).to(weight.dtype)
+        # d relu(h)^2 / dh = 2 relu(h); the 2 scales the (4x narrower) incoming gradient: one pass over the
+        # MLP's widest tensor fewer.
+        grad_hidden = ((grad_output * 2) @ weight.to(hidden.dtype)).mul_(relu)
         return grad_hidden, grad_weight
 
 
