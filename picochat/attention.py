@@ -411,6 +411,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tor
     elif num_queries == num_keys and window >= num_keys - 1:
         # Plain causal attention (training, or a prefill into an empty cache): the fast path, no mask.
         is_causal = True
+    elif num_queries == num_keys and _blocks_pay(num_queries, window):
+        return _sdpa_in_blocks(q, k, v, window)
     else:
         # A binding window, or a chunk after cached tokens (SDPA's is_causal aligns top-left, which is wrong
         # when there are more keys than queries): an explicit mask.
@@ -424,6 +426,43 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tor
         enable_gqa=q.size(2) != k.size(2),
     )
     return y.transpose(1, 2)
+
+
+def _blocks_pay(num_tokens: int, window: int) -> bool:
+    """Whether _sdpa_in_blocks applies and is cheaper: blocks of `window` queries that tile the sequence, each
+    reading 2 x window keys, against the T keys per query that a masked SDPA call computes."""
+    return 0 < window and num_tokens % window == 0 and 2 * window < num_tokens
+
+
+def _sdpa_in_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """A short window over a whole sequence (training, prefill into an empty cache), without the T x T work.
+
+    A masked SDPA call computes every query against every key and throws away what the mask hides: at T = 512
+    and window 128 (the cpu preset's short layers) that is twice the work of causal attention, and the kernels
+    cannot skip masked blocks. Here the T queries are cut into blocks of W = window; block b (positions bW ..
+    bW + W - 1) can only see keys bW - W .. bW + W - 1, so each block attends over those 2W keys with one
+    (W, 2W) mask that is the same for every block (the first block's keys before position 0 are zero padding,
+    masked out). All blocks go through SDPA as one batch. Same result as the masked call, up to rounding."""
+    B, T, H, D = q.shape
+    H_kv, blocks = k.size(2), T // window
+    # Keys/values padded with W zeros in front: block b's keys are padded positions bW .. bW + 2W - 1.
+    padded_k = F.pad(k, (0, 0, 0, 0, window, 0))
+    padded_v = F.pad(v, (0, 0, 0, 0, window, 0))
+    block_k = padded_k.unfold(1, 2 * window, window)  # (B, blocks, H_kv, D, 2W): a view, no copy yet
+    block_v = padded_v.unfold(1, 2 * window, window)
+    to_sdpa = lambda x, length: x.permute(0, 1, 2, 4, 3).reshape(B * blocks, -1, length, D)  # noqa: E731
+    query = q.reshape(B, blocks, window, H, D).permute(0, 1, 3, 2, 4).reshape(B * blocks, H, window, D)
+    # Query r of a block sits at padded key position W + r: it sees keys c with 0 <= W + r - c <= window.
+    rows = torch.arange(window, device=q.device).unsqueeze(1)
+    columns = torch.arange(2 * window, device=q.device).unsqueeze(0)
+    distance = window + rows - columns
+    mask = ((distance >= 0) & (distance <= window)).expand(blocks, 1, window, 2 * window).clone()
+    mask[0, :, :, :window] = False  # the first block's padding
+    mask = mask.unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(B * blocks, 1, window, 2 * window)
+    y = F.scaled_dot_product_attention(
+        query, to_sdpa(block_k, 2 * window), to_sdpa(block_v, 2 * window), attn_mask=mask, enable_gqa=H != H_kv
+    )
+    return y.reshape(B, blocks, H, window, D).permute(0, 1, 3, 2, 4).reshape(B, T, H, D)
 
 
 def _attention_per_row(q, k, v, window: int, key_cache, value_cache, rows: RowPositions) -> torch.Tensor:

@@ -63,9 +63,26 @@ def test_full_window_uses_is_causal_without_mask(monkeypatch):
     monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
     q, k, v = random_qkv(T=32)
     attention(q, k, v, window=31, backend="sdpa")  # window covers the sequence: plain causal
-    attention(q, k, v, window=8, backend="sdpa")  # binding window: explicit mask
+    attention(q, k, v, window=7, backend="sdpa")  # binding window: explicit mask
+    attention(q, k, v, window=8, backend="sdpa")  # a window that tiles the sequence: blocks of 8 queries
     assert calls[0]["is_causal"] is True and calls[0]["attn_mask"] is None
     assert calls[1]["is_causal"] is False and calls[1]["attn_mask"].shape == (32, 32)
+    # 2 rows x 4 blocks, each block's 8 queries against 16 keys (the block and the one before it)
+    assert calls[2]["attn_mask"].shape == (8, 1, 8, 16) and not calls[2].get("is_causal")
+
+
+@pytest.mark.parametrize("window", [4, 8, 12])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 1)])
+def test_short_window_in_blocks_matches_naive_with_gradients(window, heads):
+    q, k, v = random_qkv(T=48, H=heads[0], H_kv=heads[1], seed=window)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    reference = [t.clone().requires_grad_() for t in (q, k, v)]
+    weights = torch.randn(2, 48, heads[0], 16)
+    assert attention_module._blocks_pay(48, window)
+    (attention(*inputs, window=window, backend="sdpa") * weights).sum().backward()
+    (naive_attention(*reference, window=window) * weights).sum().backward()
+    for ours, theirs in zip(inputs, reference):
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("window", [3, 10, 1000])
