@@ -25,7 +25,6 @@ before a new pipeline can start on the folder.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from picochat.common import PicochatError, atomic_write_json, log, typable_command, warn
+from picochat.common import PicochatError, atomic_write_json, log, read_json, typable_command, warn
 from picochat.presets import Preset
 
 PIPELINE_FILE = "pipeline.json"
@@ -62,9 +61,10 @@ class Stage:
 
 
 def _read_json(path: Path) -> Any:
+    """The file's JSON value, None when it is missing or damaged (then the stage is not complete)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path)
+    except PicochatError:
         return None
 
 
@@ -97,7 +97,7 @@ def final_step(stage_dir: Path) -> int | None:
 
 def eval_file(run_dir: Path, kind: str, stage: str) -> Path | None:
     """eval/<kind>_<stage>_step<NNNNNN>.json for the stage's final step (None while the stage has no checkpoint)."""
-    from picochat.stages.evaluate import result_name
+    from picochat.evaluation import result_name
 
     step = final_step(run_dir / stage)
     return None if step is None else run_dir / "eval" / f"{result_name(kind, stage, step)}.json"

@@ -61,7 +61,7 @@ import torch
 import torch.distributed as dist
 
 from picochat.checkpoint import Checkpoint, save_checkpoint
-from picochat.common import PicochatError, atomic_write_text, compile_backend, log, progress, warn
+from picochat.common import PicochatError, atomic_write_text, compile_backend, log, progress, read_jsonl, warn
 from picochat.evaluation.bpb import evaluate_bpb
 from picochat.hardware import Distributed, is_distributed, peak_flops, peak_memory_bytes
 
@@ -596,5 +596,4 @@ def compiled_graph_count() -> int | None:
 
 def read_metrics(stage_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The events of a stage's metrics.jsonl, in order (for reports, scripts and tests)."""
-    path = Path(stage_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [event for _, event in read_jsonl(Path(stage_dir) / "metrics.jsonl")]

@@ -15,14 +15,7 @@ A resumed run may use a different number of ranks: accumulation adapts, the rows
 torchrun reads abbreviated options anywhere on its command line and takes `--run` for its own `--run-path`: name
 the run with --run-dir, or put `--` before the subcommand (`torchrun ... -m picochat -- pretrain --run d24 ...`).
 
-The depth dial (the reference's scaling rules, REFERENCE.md A.4):
-  width     model_dim = ceil(depth x aspect_ratio / head_dim) x head_dim; heads = model_dim / head_dim
-  horizon   --num-iterations, else --target-flops / (FLOPs per token x batch), else target_tokens / batch with
-            target_tokens D = --target-param-data-ratio x scaling params (transformer matrices + lm_head)
-  batch     B = 2^round(log2(B_ref x (D / D_ref)^0.383)) tokens (Power Lines), B_ref = 2^19 and D_ref = the same
-            ratio x the scaling params of a depth-12 model of the same shape rules; or --total-batch-size
-  LRs       every AdamW and Muon learning rate x sqrt(B / B_ref) (not the fixed smear/backout group)
-  decay     Muon weight decay = --weight-decay x sqrt(B / B_ref) x D_ref / D, then a cosine to 0 over the run
+The depth dial (width, heads, batch, horizon, learning rates, weight decay from --depth) is picochat/scaling.py.
 Writes <run>/base/: config.json (every flag and derived value, data files, tokenizer hash, git commit),
 metrics.jsonl, checkpoints in state/ and model.safetensors (see picochat/checkpoint.py).
 """
@@ -33,8 +26,6 @@ import argparse
 import hashlib
 import math
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +47,8 @@ from picochat.common import (
     typable_command,
     warn,
 )
+from picochat.scaling import derive_plan
+from picochat.settings import DEFAULTS, FIXED_ON_RESUME
 
 # The reference's seven greedy-sample prompts (16 tokens each): a quick look at what the model knows.
 SAMPLE_PROMPTS = [
@@ -67,32 +60,9 @@ SAMPLE_PROMPTS = [
     "My favorite color is",
     "If 5*x + 3 = 13, then x is",
 ]
-B_REF = 2**19  # tokens per step of the reference depth-12 run
-REF_DEPTH = 12
-BATCH_EXPONENT = 0.383  # Power Lines: optimal batch ~ D^0.383
-
-# Flags whose value is kept in config.json and reused by --resume unless given again. None = derived / unset.
-DEFAULTS: dict[str, Any] = {
-    "paths": [], "val": [], "text_column": "text",
-    "depth": 20, "aspect_ratio": 64, "head_dim": 128, "max_seq_len": 2048, "window_pattern": "SSSL",
-    "num_iterations": None, "target_flops": None, "target_param_data_ratio": 12.0,
-    "total_batch_size": None, "device_batch_size": 32,
-    "embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5, "weight_decay": 0.28,
-    "warmup_steps": 40, "warmdown_ratio": 0.65, "final_lr_frac": 0.05,
-    "eval_every": 250, "eval_tokens": 80 * 524_288, "sample_every": 2000, "save_every": 0, "keep_checkpoints": 2,
-    "seed": 42, "batch_lr_scale": None, "muon_weight_decay": None, "fp8": False,
-    "embedding_dtype": "auto",
-}  # fmt: skip
-# Flags that define the model or the data stream: changing them on --resume is an error, not an override.
-# (The schedule may change: a new --num-iterations is allowed, with a warning.)
-FIXED_ON_RESUME = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "window_pattern", "total_batch_size",
-                   "paths", "val", "text_column")  # fmt: skip
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Flags (validated by argparse: a bad value is a usage error with exit status 2)
-
-
 
 
 def window_pattern(text: str) -> str:
@@ -196,78 +166,6 @@ def _same(given: Any, saved: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The plan: every derived number, from the flags (pure; tested without training)
-
-
-def derive_plan(flags: dict[str, Any], vocab_size: int, world_size: int) -> dict[str, Any]:
-    import torch
-
-    from picochat.gpt import GPT, GPTConfig
-    from picochat.trainer import gradient_accumulation_steps
-
-    def meta_model(depth: int) -> GPT:
-        config = GPTConfig.from_depth(depth, aspect_ratio=flags["aspect_ratio"], head_dim=flags["head_dim"],
-                                      vocab_size=vocab_size, sequence_len=flags["max_seq_len"],
-                                      window_pattern=flags["window_pattern"])  # fmt: skip
-        with torch.device("meta"):
-            return GPT(config, compute_dtype=torch.float32)
-
-    model = meta_model(flags["depth"])
-    scaling_params = model.num_scaling_params()
-    ratio = flags["target_param_data_ratio"]
-    target_tokens = ratio * scaling_params  # D
-    reference_tokens = ratio * meta_model(REF_DEPTH).num_scaling_params()  # D_ref
-    total_batch_size = flags["total_batch_size"]
-    batch_source = "--total-batch-size"
-    if total_batch_size is None:
-        total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / reference_tokens) ** BATCH_EXPONENT))
-        batch_source = f"auto: 2^round(log2({B_REF} x (D/D_ref)^{BATCH_EXPONENT}))"
-    seq_len = flags["max_seq_len"]
-    flops_per_token = model.flops_per_token(seq_len)
-    if flags["num_iterations"] is not None:
-        num_iterations, horizon = flags["num_iterations"], "--num-iterations"
-    elif flags["target_flops"] is not None:
-        num_iterations = round(flags["target_flops"] / (flops_per_token * total_batch_size))
-        horizon = "--target-flops"
-    else:
-        num_iterations, horizon = int(target_tokens // total_batch_size), "--target-param-data-ratio"
-    if num_iterations < 1:
-        raise PicochatError(f"the horizon ({horizon}) gives {num_iterations} steps of {total_batch_size:,} tokens; "
-                            "raise it or lower --total-batch-size")  # fmt: skip
-    batch_scale = flags["batch_lr_scale"] or math.sqrt(total_batch_size / B_REF)
-    weight_decay = flags["muon_weight_decay"]
-    if weight_decay is None:
-        weight_decay = flags["weight_decay"] * math.sqrt(total_batch_size / B_REF) * reference_tokens / target_tokens
-    accumulation = gradient_accumulation_steps(total_batch_size, flags["device_batch_size"], seq_len, world_size)
-    counts = model.parameter_counts()
-    tokens = num_iterations * total_batch_size
-    return {
-        "model_config": model.config.to_dict(),
-        "window_sizes": model.window_sizes,
-        "parameters": counts,
-        "scaling_params": scaling_params,
-        "flops_per_token": flops_per_token,
-        "target_tokens": int(target_tokens),
-        "reference_tokens": int(reference_tokens),
-        "total_batch_size": total_batch_size,
-        "batch_source": batch_source,
-        "num_iterations": num_iterations,
-        "horizon_source": horizon,
-        "training_tokens": tokens,
-        "training_flops": float(flops_per_token * tokens),
-        "tokens_per_scaling_param": tokens / scaling_params,
-        "world_size": world_size,
-        "gradient_accumulation": accumulation,
-        "batch_lr_scale": batch_scale,
-        "embedding_lr": flags["embedding_lr"] * batch_scale,
-        "unembedding_lr": flags["unembedding_lr"] * batch_scale,
-        "matrix_lr": flags["matrix_lr"] * batch_scale,
-        "scalar_lr": flags["scalar_lr"] * batch_scale,
-        "weight_decay": weight_decay,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The stage
 
 
@@ -281,11 +179,10 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from picochat.checkpoint import load_checkpoint, resume_point
-    from picochat.common import compute_dtype
+    from picochat.checkpoint import load_checkpoint, provenance, read_stage_config, resume_point
     from picochat.data import TextFormat, default_pretraining_files, find_text_files, split_train_val
     from picochat.gpt import GPT, GPTConfig
-    from picochat.hardware import distributed_session
+    from picochat.hardware import compute_dtype, distributed_session
     from picochat.packing import pretraining_batches
     from picochat.tokenizer import Tokenizer
     from picochat.trainer import Trainer, TrainSettings
@@ -293,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = resolve_run_dir(args.run, args.run_dir)
     stage_dir = run_dir / "base"
     resume_from = resume_point(stage_dir, args.resume, holds="a pretraining run")
-    saved_config = None if resume_from is None else _read_json(stage_dir / "config.json").get("flags")
+    saved_config = None if resume_from is None else read_stage_config(stage_dir).get("flags")
     flags = resolve_flags(args, saved_config)
     if args.wandb_run:
         import importlib.util
@@ -354,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
             "derived": plan,
             "data": {"train_files": [str(p) for p in train_files], "val_files": [str(p) for p in val_files]},
             "tokenizer": {"path": str(tokenizer_dir), "sha256": tokenizer_sha256, "vocab_size": tokenizer.vocab_size},
-            "provenance": _provenance(device, compute_dtype(device), ranks.world_size, use_compile, resume_from),
+            "provenance": provenance(device, compute_dtype(device), ranks.world_size, use_compile, resume_from),
         }
         trainer = Trainer(
             model, optimizer, settings, stage_dir=stage_dir, ranks=ranks, make_train_loader=train_loader,
@@ -450,42 +347,3 @@ def _log_plan(flags, plan, device, dtype, train_files, val_files) -> None:
     ]  # fmt: skip
     for line in print_table(rows).splitlines():
         log(line)
-
-
-def _provenance(device, dtype, world_size, use_compile, resume_from) -> dict[str, Any]:
-    import torch
-
-    from picochat import __version__
-
-    commit = None
-    try:
-        result = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
-                                capture_output=True, text=True, timeout=5)  # fmt: skip
-        if result.returncode == 0:
-            commit = result.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {
-        "picochat_version": __version__,
-        "git_commit": commit,
-        "torch_version": torch.__version__,
-        "command": sys.argv,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "device": str(device),
-        "compute_dtype": str(dtype).removeprefix("torch."),
-        "world_size": world_size,
-        "compile": use_compile,
-        "resumed_from_step": resume_from,
-    }
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise PicochatError(f"{path}: cannot read the run's configuration ({error})") from None
-    if not isinstance(value, dict):
-        raise PicochatError(f"{path}: expected a JSON object")
-    return value

@@ -40,8 +40,6 @@ from picochat.common import (
 RESUME_FIXED = ("examples_per_step", "num_samples", "source")
 
 
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
     parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
@@ -78,13 +76,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from picochat.checkpoint import load_checkpoint, load_weights, resume_point, save_checkpoint
+    from picochat.checkpoint import (
+        load_checkpoint,
+        load_weights,
+        model_shape,
+        provenance,
+        read_stage_config,
+        resume_point,
+        save_checkpoint,
+    )
     from picochat.engine import Engine
     from picochat.gpt import GPT, GPTConfig
     from picochat.hardware import distributed_session
     from picochat.rl import pass_at_k, policy_gradient_loss, rollout_tensors, sample_rollout
-    from picochat.stages.pretrain import _provenance, _read_json
-    from picochat.stages.sft import source_model_config
     from picochat.tasks import GSM8K
     from picochat.tokenizer import Tokenizer
 
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     source_dir = run_dir / args.source
     if not (source_dir / "model.safetensors").is_file():
         raise PicochatError(f"{source_dir}: no trained model (model.safetensors missing); run `picochat sft` first")
-    model_config = source_model_config(_read_json(source_dir / "config.json"), source_dir / "config.json")
+    model_config = model_shape(read_stage_config(source_dir))
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     train_task, test_task = GSM8K("train", data_dir=args.data_dir), GSM8K("test", data_dir=args.data_dir)
     num_steps = args.num_steps or len(train_task) // args.examples_per_step * args.num_epochs
@@ -175,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             stage_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(stage_dir / "config.json", {
                 "stage": "rl", "model": model_config, "source": {"stage": args.source, "path": str(source_dir)},
-                "settings": settings, "provenance": _provenance(device, torch.float32, ranks.world_size, False,
+                "settings": settings, "provenance": provenance(device, torch.float32, ranks.world_size, False,
                                                                 resume_from)})  # fmt: skip
         examples_per_rank = args.examples_per_step // ranks.world_size
         passes = math.ceil(args.num_samples / args.device_batch_size)

@@ -58,8 +58,6 @@ INHERITED = ("max_seq_len", "device_batch_size", "total_batch_size", "embedding_
              "scalar_lr")  # fmt: skip
 
 
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
     parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
@@ -124,14 +122,6 @@ def source_stage_dir(run_dir: Path, stage: str, source: str | None) -> Path:
     return folder
 
 
-def source_model_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The model shape from a stage's config.json: "model", or (older pretraining configs) derived.model_config."""
-    model = config.get("model") or (config.get("derived") or {}).get("model_config")
-    if not isinstance(model, dict):
-        raise PicochatError(f"{path}: no model shape (expected \"model\" with the GPT config)")
-    return model
-
-
 def inherited_settings(args: argparse.Namespace, source_config: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
     """Shapes and LRs: the flag if given, else the source run's value. Pretraining records its flags under "flags"
     and the LRs it really used (after its batch-size scaling) under "derived"; SFT/mid record "settings"."""
@@ -187,13 +177,19 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see stages/pretrain.py
     import torch
 
-    from picochat.checkpoint import load_checkpoint, load_weights, resume_point
+    from picochat.checkpoint import (
+        load_checkpoint,
+        load_weights,
+        model_shape,
+        provenance,
+        read_stage_config,
+        resume_point,
+    )
     from picochat.engine import Engine
     from picochat.evaluation.chat import parse_task_names, run_chat_eval
     from picochat.gpt import GPT, GPTConfig
     from picochat.hardware import distributed_session
     from picochat.packing import sft_batches
-    from picochat.stages.pretrain import _provenance, _read_json
     from picochat.tasks import DEFAULT_SFT_MIX, build_mixture
     from picochat.tokenizer import Tokenizer
     from picochat.trainer import Trainer, TrainSettings
@@ -202,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     stage_dir = run_dir / args.stage
     resume_from = resume_point(stage_dir, args.resume, holds="a run")
     if resume_from is not None:
-        saved = _read_json(stage_dir / "config.json")
+        saved = read_stage_config(stage_dir)
         for name in ("mix", "identity_name", "identity_creator", "identity_file", "val_conversations", "seed",
                      "source"):  # fmt: skip
             if getattr(args, name, None) in (None, 0, "picochat") and name in saved.get("flags", {}):
@@ -222,8 +218,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     source_dir = source_stage_dir(run_dir, args.stage, args.source)
-    source_config = _read_json(source_dir / "config.json")
-    model_config = source_model_config(source_config, source_dir / "config.json")
+    source_config = read_stage_config(source_dir)
+    model_config = model_shape(source_config)
     settings_values, inherited_rows = inherited_settings(args, source_config)
     seq_len = settings_values["max_seq_len"]
     if seq_len > model_config["sequence_len"]:
@@ -344,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
             "data": {"train_conversations": len(train_set), "val_conversations": len(val_set or []),
                      "packing": packing},
             "tokenizer": {"path": str(tokenizer_dir), "sha256": tokenizer_sha256, "vocab_size": tokenizer.vocab_size},
-            "provenance": _provenance(device, torch.float32, ranks.world_size, False, resume_from),
+            "provenance": provenance(device, torch.float32, ranks.world_size, False, resume_from),
         }  # fmt: skip
         trainer = Trainer(
             model, optimizer, train_settings, stage_dir=stage_dir, ranks=ranks, make_train_loader=train_loader,
