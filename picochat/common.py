@@ -124,6 +124,12 @@ def number_parser(kind: type, minimum: float | None = None, maximum: float | Non
     return parse
 
 
+def nonempty_text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty value")
+    return text
+
+
 positive_int = number_parser(int, 1)
 non_negative_int = number_parser(int, 0)
 positive_float = number_parser(float, 0, strict_minimum=True)

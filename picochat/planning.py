@@ -28,9 +28,9 @@ H100_BF16_PEAK = 989e12
 def pretraining_plan(preset: Preset) -> dict:
     """`picochat pretrain`'s own derivation for this preset (shapes, batch, steps, tokens, FLOPs)."""
     from picochat.scaling import derive_plan
-    from picochat.settings import DEFAULTS
+    from picochat.settings import PretrainSettings, defaults
 
-    flags = dict(DEFAULTS)
+    flags = defaults(PretrainSettings)
     flags.update(depth=preset.depth, max_seq_len=preset.max_seq_len, device_batch_size=preset.device_batch_size,
                  total_batch_size=preset.total_batch_size, num_iterations=preset.num_iterations,
                  target_param_data_ratio=preset.target_param_data_ratio)  # fmt: skip

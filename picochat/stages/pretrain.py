@@ -34,12 +34,7 @@ from picochat.common import (
     PicochatError,
     add_run_arguments,
     atomic_write_json,
-    fraction,
     log,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
     print_table,
     resolve_data_dir,
     resolve_run_dir,
@@ -48,7 +43,7 @@ from picochat.common import (
     warn,
 )
 from picochat.scaling import derive_plan
-from picochat.settings import DEFAULTS, FIXED_ON_RESUME
+from picochat.settings import PretrainSettings, add_flags, as_flags, defaults, resolve, train_settings
 
 # The reference's seven greedy-sample prompts (16 tokens each): a quick look at what the model knows.
 SAMPLE_PROMPTS = [
@@ -60,25 +55,13 @@ SAMPLE_PROMPTS = [
     "My favorite color is",
     "If 5*x + 3 = 13, then x is",
 ]
+DEFAULTS = defaults(PretrainSettings)  # {flag: default}, for scripts that build flags by hand
 
 # ----------------------------------------------------------------------------------------------------------
 # Flags (validated by argparse: a bad value is a usage error with exit status 2)
 
 
-def window_pattern(text: str) -> str:
-    pattern = text.strip().upper()
-    if not pattern or set(pattern) - {"S", "L"}:
-        raise argparse.ArgumentTypeError(f"expected letters S (short window) and L (long), e.g. SSSL, got {text!r}")
-    return pattern
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="*", default=None,
-                        help="training text files or folders (.parquet .jsonl .txt ...); default: every parquet shard "
-                             "under --data-dir. Files named val* are held out for validation")
-    parser.add_argument("--val", nargs="+", default=None, metavar="PATH",
-                        help="validation files (then every positional file is used for training)")
-    parser.add_argument("--text-column", default=None, help="parquet column / jsonl field with the text (text)")
     where = parser.add_argument_group("run")
     add_run_arguments(where)
     where.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
@@ -89,80 +72,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the model and the optimizer updates (default: on for CUDA, off "
                             "elsewhere)")
-    where.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
-                       help="train the large Linears in FP8 (tensorwise scaling; CUDA compute capability 8.9+, "
-                            "emulated on the CPU; never for evaluation). A resume keeps the run's choice unless given")
-    where.add_argument("--embedding-dtype", choices=("auto", "float32", "bfloat16"), default=None,
-                       help="storage of the token and value embeddings; auto: bfloat16 on CUDA with bf16 compute (as "
-                            "the reference; 2.6 GB less per GPU at d24), float32 elsewhere")
     where.add_argument("--wandb-run", help="also log to Weights & Biases under this run name (needs wandb)")
-    where.add_argument("--seed", type=non_negative_int, help="seed for the initial weights (42)")
-
-    model = parser.add_argument_group("model (the depth dial)")
-    model.add_argument("--depth", type=positive_int, help="number of layers; sets everything else (20)")
-    model.add_argument("--aspect-ratio", type=positive_int, help="model width = depth x this (64)")
-    model.add_argument("--head-dim", type=positive_int, help="attention head size (128)")
-    model.add_argument("--max-seq-len", type=positive_int, help="tokens per training row (2048)")
-    model.add_argument("--window-pattern", type=window_pattern, help="S/L sliding windows tiled over layers (SSSL)")
-
-    horizon = parser.add_argument_group("horizon and batch (first given wins: iterations > flops > ratio)")
-    horizon.add_argument("--num-iterations", type=positive_int, help="optimizer steps")
-    horizon.add_argument("--target-flops", type=positive_float, help="training FLOPs budget")
-    horizon.add_argument("--target-param-data-ratio", type=positive_float,
-                         help="tokens per scaling parameter (12); also sets the automatic batch size")
-    horizon.add_argument("--total-batch-size", type=positive_int, help="tokens per step, all ranks (auto)")
-    horizon.add_argument("--device-batch-size", type=positive_int, help="rows per forward pass per rank (32)")
-
-    optim = parser.add_argument_group("optimization (learning rates before the batch-size scaling)")
-    optim.add_argument("--embedding-lr", type=positive_float, help="AdamW, token and value embeddings (0.3)")
-    optim.add_argument("--unembedding-lr", type=positive_float, help="AdamW, lm_head (0.008)")
-    optim.add_argument("--matrix-lr", type=positive_float, help="Muon, block matrices (0.02)")
-    optim.add_argument("--scalar-lr", type=positive_float, help="AdamW, per-layer scalars (0.5)")
-    optim.add_argument("--weight-decay", type=non_negative_float, help="Muon weight decay before scaling (0.28)")
-    optim.add_argument("--batch-lr-scale", type=positive_float,
-                       help="override the learning-rate multiplier (default sqrt(total batch / 2^19))")
-    optim.add_argument("--muon-weight-decay", type=non_negative_float,
-                       help="override the derived Muon weight decay (default --weight-decay x sqrt(B/B_ref) x D_ref/D)")
-    optim.add_argument("--warmup-steps", type=non_negative_int, help="linear LR warmup steps (40)")
-    optim.add_argument("--warmdown-ratio", type=fraction, help="fraction of the run with LR warmdown (0.65)")
-    optim.add_argument("--final-lr-frac", type=fraction, help="LR multiplier at the end of the warmdown (0.05)")
-
-    cadence = parser.add_argument_group("evaluation and checkpoints")
-    cadence.add_argument("--eval-every", type=non_negative_int, help="validation bpb every N steps; 0: at the end "
-                                                                     "only (250)")  # fmt: skip
-    cadence.add_argument("--eval-tokens", type=positive_int, help=f"validation tokens per evaluation ({80 * 524_288})")
-    cadence.add_argument("--sample-every", type=non_negative_int, help="greedy samples every N steps; 0: never (2000)")
-    cadence.add_argument("--save-every", type=non_negative_int, help="checkpoint every N steps; 0: at the end only")
-    cadence.add_argument("--keep-checkpoints", type=positive_int, help="checkpoints kept on disk (2)")
+    groups = {
+        "run": where,
+        "model": parser.add_argument_group("model (the depth dial)"),
+        "horizon": parser.add_argument_group("horizon and batch (first given wins: iterations > flops > ratio)"),
+        "optim": parser.add_argument_group("optimization (learning rates before the batch-size scaling)"),
+        "cadence": parser.add_argument_group("evaluation and checkpoints"),
+    }
+    add_flags(parser, PretrainSettings, groups)
 
 
 def resolve_flags(args: argparse.Namespace, saved: dict[str, Any] | None) -> dict[str, Any]:
-    """Flag values: given on the command line > saved in config.json (on --resume) > DEFAULTS. A resume may not
-    change what defines the model or the data stream."""
-    flags = {}
-    for name, default in DEFAULTS.items():
-        given = getattr(args, name, None)
-        if given == []:  # no positional paths
-            given = None
-        if saved is not None and name in saved:
-            if given is not None and name in FIXED_ON_RESUME and not _same(given, saved[name]):
-                flag = "the data paths" if name == "paths" else f"--{name.replace('_', '-')}"
-                raise PicochatError(f"--resume: {flag} was {saved[name]!r} for this run, not {given!r}; resume with "
-                                    "the same value, or start a new run")  # fmt: skip
-            flags[name] = saved[name] if given is None else given
-        else:
-            flags[name] = default if given is None else given
-    flags["paths"] = _absolute(flags["paths"])
-    flags["val"] = _absolute(flags["val"])
-    return flags
+    """Flag values: given on the command line > saved in config.json (on --resume) > the declared defaults
+    (picochat/settings.py). A resume may not change what defines the model or the data stream."""
+    given = argparse.Namespace(**{**vars(args), "paths": _absolute(args.paths) or None, "val": _absolute(args.val)})
+    return as_flags(resolve(PretrainSettings, given, saved))
 
 
 def _absolute(paths: list | None) -> list[str]:
     return [str(Path(p).expanduser().resolve()) for p in paths or []]
-
-
-def _same(given: Any, saved: Any) -> bool:
-    return _absolute(given) == _absolute(saved) if isinstance(given, list) else given == saved
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.hardware import compute_dtype, distributed_session
     from picochat.packing import pretraining_batches
     from picochat.tokenizer import Tokenizer
-    from picochat.trainer import Trainer, TrainSettings
+    from picochat.trainer import Trainer
 
     run_dir = resolve_run_dir(args.run, args.run_dir)
     stage_dir = run_dir / "base"
@@ -228,14 +157,8 @@ def run(args: argparse.Namespace) -> int:
             unembedding_lr=plan["unembedding_lr"], embedding_lr=plan["embedding_lr"], matrix_lr=plan["matrix_lr"],
             weight_decay=plan["weight_decay"], scalar_lr=plan["scalar_lr"], compile=use_compile,
         )  # fmt: skip
-        settings = TrainSettings(
-            total_batch_size=plan["total_batch_size"], device_batch_size=flags["device_batch_size"],
-            seq_len=flags["max_seq_len"], num_iterations=plan["num_iterations"],
-            warmup_steps=flags["warmup_steps"], warmdown_ratio=flags["warmdown_ratio"],
-            final_lr_frac=flags["final_lr_frac"], eval_every=flags["eval_every"], eval_tokens=flags["eval_tokens"],
-            sample_every=flags["sample_every"], save_every=flags["save_every"],
-            keep_checkpoints=flags["keep_checkpoints"], compile=use_compile, wandb_run=args.wandb_run,
-        )  # fmt: skip
+        settings = train_settings(flags, total_batch_size=plan["total_batch_size"], seq_len=flags["max_seq_len"],
+                                  num_iterations=plan["num_iterations"], compile=use_compile, wandb_run=args.wandb_run)
 
         def train_loader(**layout):
             return pretraining_batches(train_files, tokenizer, device=device, text_format=text_format, **layout)
