@@ -80,6 +80,16 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_name: str = "defa
     parser.add_argument("--run-dir", help="run folder path (overrides --run)")
 
 
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every training stage takes besides its settings: where the run is, the data, --resume and --device."""
+    add_run_arguments(parser)
+    parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
+    parser.add_argument("--resume", nargs="?", const="latest", type=resume_step, metavar="STEP",
+                        help="continue from the latest checkpoint (or from STEP), exactly; flags not given again are "
+                             "taken from the run's config.json")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, stage_help: str = "which model of the run") -> None:
     """--run/--run-dir plus --stage and --step: which trained model a command loads (checkpoint.find_stage_dir)."""
     add_run_arguments(parser)

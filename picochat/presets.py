@@ -46,17 +46,17 @@ def setting(help_text: str, parse=None) -> dict:
 
 def passed_to(settings_class: type, name: str) -> Any:
     """A preset field that `picochat run` passes to a training stage as its setting `name` (picochat/settings.py):
-    help and parser are that declaration's; a setting the stage derives when absent also takes "auto"."""
+    default, help and parser are that declaration's; a setting the stage derives when absent also takes "auto"."""
     declared = next(item for item in fields(settings_class) if item.name == name)
     parse = declared.metadata["parse"]
     if declared.default is None:
         parse = _optional(parse)
     metavar = "TEXT" if declared.metadata["parse"] in (nonempty_text, str) else "N"
-    return field(metadata={"help": declared.metadata["help"], "parse": parse, "metavar": metavar,
-                           "stage": settings_class, "name": name})
+    return field(default=declared.default, metadata={"help": declared.metadata["help"], "parse": parse,
+                                                     "metavar": metavar, "stage": settings_class, "name": name})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # keywords only: fields passed to a stage have its defaults
 class Preset:
     # data
     download_shards: int = setting("ClimbMix train shards to download before pretraining (0: use the data folder "

@@ -29,10 +29,9 @@ Step numbering. "Step s" means "after s optimizer steps". The loop, for s = star
     steps, at the end, and when stopping); at s = num_iterations stop; else train step s+1 with the schedules
     evaluated at s (0-based, as the reference does).
 
-Checkpoints (picochat.checkpoint; rank 0 writes): fp32 master weights, and as training state the FULL optimizer
-state (MuonAdamW.state_dict is collective: every rank calls it), the merged loader state of all ranks, the RNG
-states, the loop counters, and the settings a resume must agree with. Resuming restores all of it, so the run
-continues exactly: same rows, same optimizer moments, same schedules.
+Checkpoints, metrics.jsonl, the clean stop on a signal and the resume checks are picochat/stage_loop.py's (shared
+with RL); the Trainer adds the merged loader state of all ranks and its loop counters, so a resume continues
+exactly: same rows, same optimizer moments, same schedules.
 
 Performance. One host sync per step (the loss .item()); the next step's batches are fetched right after the
 last backward, before the optimizer step (on a GPU the kernels are still running); gc is frozen and disabled
@@ -483,6 +482,7 @@ class Trainer(StageLoop):
         mfu = "" if metrics["mfu"] is None else f" mfu {100 * metrics['mfu']:.1f}%"
         return (f"loss {metrics['smooth_loss']:.4f} tok/s {metrics['tokens_per_second']:,.0f}{mfu} "
                 f"eta {eta / 60:.1f}m")  # fmt: skip
+
 
 def compiled_graph_count() -> int | None:
     """Graphs torch.compile has produced in this process so far (every recompile adds one). The first step compiles

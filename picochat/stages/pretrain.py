@@ -32,13 +32,12 @@ from typing import Any
 
 from picochat.common import (
     PicochatError,
-    add_run_arguments,
+    add_training_arguments,
     atomic_write_json,
     log,
     print_table,
     resolve_data_dir,
     resolve_run_dir,
-    resume_step,
     typable_command,
     warn,
 )
@@ -63,12 +62,7 @@ DEFAULTS = defaults(PretrainSettings)  # {flag: default}, for scripts that build
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_argument_group("run")
-    add_run_arguments(where)
-    where.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
-    where.add_argument("--resume", nargs="?", const="latest", type=resume_step, metavar="STEP",
-                       help="continue from the latest checkpoint (or from STEP), exactly; flags not given again are "
-                            "taken from the run's config.json")
-    where.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    add_training_arguments(where)
     where.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the model and the optimizer updates (default: on for CUDA, off "
                             "elsewhere)")

@@ -19,23 +19,17 @@ import os
 
 from picochat.common import (
     PicochatError,
-    add_run_arguments,
+    add_training_arguments,
     atomic_write_json,
     log,
     resolve_run_dir,
-    resume_step,
     typable_command,
 )
 from picochat.settings import RLSettings, add_flags, as_flags, fixed_names, resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
-    parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
-    parser.add_argument("--resume", nargs="?", const="latest", type=resume_step, metavar="STEP",
-                        help="continue from the latest checkpoint (or from STEP), exactly; flags not given again are "
-                             "taken from the run's config.json")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    add_training_arguments(parser)
     add_flags(parser, RLSettings)
 
 
@@ -70,11 +64,6 @@ def run(args: argparse.Namespace) -> int:
     num_steps = opts.num_steps or len(train_task) // opts.examples_per_step * opts.num_epochs
     if num_steps < 1:
         raise PicochatError(f"--examples-per-step {opts.examples_per_step} exceeds the {len(train_task)} questions")
-    settings = {name: getattr(opts, name) for name in (
-        "source", "examples_per_step", "num_samples", "device_batch_size", "max_new_tokens", "temperature", "top_k",
-        "embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "init_lr_frac", "eval_every",
-        "eval_examples", "eval_samples", "save_every")}  # fmt: skip
-    settings["num_steps"] = num_steps
 
     with distributed_session(args.device) as ranks:
         device = ranks.device
@@ -100,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             stage_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(stage_dir / "config.json", {
                 "stage": "rl", "model": model_config, "source": {"stage": opts.source, "path": str(source_dir)},
-                "flags": as_flags(opts), "settings": settings,
+                "flags": as_flags(opts), "settings": {**as_flags(opts), "num_steps": num_steps},
                 "provenance": provenance(device, torch.float32, ranks.world_size, False, resume_from)})
         step = trainer.run()
         if step >= num_steps:

@@ -33,12 +33,11 @@ from typing import Any
 
 from picochat.common import (
     PicochatError,
-    add_run_arguments,
+    add_training_arguments,
     atomic_write_json,
     log,
     print_table,
     resolve_run_dir,
-    resume_step,
     typable_command,
 )
 from picochat.settings import SFTSettings, add_flags, as_flags, inherited_names, resolve, train_settings
@@ -47,14 +46,12 @@ from picochat.settings import SFTSettings, add_flags, as_flags, inherited_names,
 # identity and spelling -- everything the chat format has (special tokens, tool calls, letters as answers).
 DEFAULT_MID_MIX = "alpaca:1,code_alpaca:1,gpteacher_roleplay:1,glaive_toolcall:1,identity:1,gsm8k:1,arc:1,spelling:1"
 CHAT_SAMPLE_PROMPTS = ["What is your name?", "Who made you?", "What is 12 times 7?", "Write a haiku about the sea."]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
-    parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
+    add_training_arguments(parser)
     parser.add_argument("--stage", choices=("sft", "mid"), default="sft",
                         help="sft (default): <run>/mid or base -> <run>/sft; mid: midtraining, base -> <run>/mid")
-    parser.add_argument("--resume", nargs="?", const="latest", type=resume_step, metavar="STEP",
-                        help="continue from the latest checkpoint (or from STEP), exactly")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     add_flags(parser, SFTSettings, {
         "data": parser.add_argument_group("data"),
         "shape": parser.add_argument_group("shapes and learning rates (default: inherited from the source run)"),
