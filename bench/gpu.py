@@ -210,8 +210,8 @@ def decode_items(device, depth: int, batches: list[int], prompt_len: int, decode
     sys.path.insert(0, str(REPO / "bench"))
     from generate import make_tokenizer, timed_generation, utilisation
 
-    from picochat.common import compute_dtype
     from picochat.engine import Engine
+    from picochat.hardware import compute_dtype
 
     config = GPTConfig.from_depth(depth, vocab_size=VOCAB_SIZE, sequence_len=2048)
     torch.manual_seed(0)
@@ -335,7 +335,7 @@ def main() -> None:
         if args.smoke:
             os.environ.setdefault("PICOCHAT_COMPILE_BACKEND", "eager")
     budget = Budget(args.budget_seconds)
-    from picochat.common import compute_dtype
+    from picochat.hardware import compute_dtype
 
     dtype = compute_dtype(device)
     report: dict = {"benchmark": "gpu", "smoke": args.smoke, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -47,6 +47,53 @@ def load(
     return prepare_for_inference(model, compute_dtype, copy=False), tokenizer
 
 
+def load_engine(
+    run: str | None = None,
+    run_dir: str | os.PathLike | None = None,
+    *,
+    stage: str | None = None,
+    step: int | None = None,
+    device: str | None = None,
+    tool: str = "calculator",
+):
+    """(engine, run folder, stage folder): the model --run/--run-dir/--stage/--step name, on `device`, in an Engine
+    that runs `tool` (tools.tool_named). `picochat chat` and `picochat serve` load their model this way."""
+    from picochat.common import PicochatError, resolve_run_dir
+    from picochat.engine import Engine
+    from picochat.hardware import check_device
+    from picochat.tools import tool_named
+
+    check_device(device)
+    run_dir = resolve_run_dir(run, run_dir)
+    if not run_dir.is_dir():
+        raise PicochatError(f"{run_dir}: no such run folder (train one with `picochat pretrain`)")
+    _, stage_dir = locate_stage(run_dir, stage)
+    model, tokenizer = load(stage_dir, step=step, device=device)
+    return Engine(model, tokenizer, tool=tool_named(tool)), run_dir, stage_dir
+
+
+def load_for_evaluation(run: str | None, run_dir: str | os.PathLike | None, stage: str | None, step: int | None,
+                        device):
+    """(run folder, stage name, step, model, tokenizer) for `picochat eval`: the model as training left it (its
+    fp32 master weights, computing in the device's dtype), not converted for inference as load() does."""
+    from picochat.checkpoint import find_stage_dir, latest_step, load_model
+    from picochat.common import PicochatError, log, resolve_run_dir
+    from picochat.tokenizer import Tokenizer
+
+    run_dir = resolve_run_dir(run, run_dir)
+    if not run_dir.is_dir():
+        raise PicochatError(f"run folder {run_dir} does not exist (give --run NAME or --run-dir PATH)")
+    stage_dir = find_stage_dir(run_dir, stage)
+    model = load_model(stage_dir, device=device, step=step)  # None: the stage's model.safetensors
+    step = step if step is not None else latest_step(stage_dir)
+    tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise PicochatError(f"{run_dir / 'tokenizer'}: vocabulary of {tokenizer.vocab_size} tokens, but the model in "
+                            f"{stage_dir} has {model.config.vocab_size}")
+    log(f"evaluating {stage_dir} at step {step if step is not None else '(latest weights)'} on {device}")
+    return run_dir, stage_dir.name, step, model, tokenizer
+
+
 def locate_stage(run_or_path: str | os.PathLike, stage: str | None = None) -> tuple[Path, Path]:
     """(run folder, stage folder) for a run name, a run folder or a stage folder."""
     from picochat.checkpoint import find_stage_dir

@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from picochat.common import PicochatError, atomic_write_json
+from picochat.common import PicochatError, atomic_write_json, read_json
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _TENSOR_MARK = "__tensor__"
@@ -252,10 +252,7 @@ def _checkpoint_folder(stage_dir: Path, step: int | None) -> Path:
 def _read_step_meta(folder: Path) -> dict[str, Any]:
     """state.json of a checkpoint folder, checked: an object whose "step" is the folder's step, with "state"."""
     path = folder / "state.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise PicochatError(f"{path}: unreadable ({_one_line(error)})") from None
+    meta = read_json(path)
     step = int(_STEP_DIR.match(folder.name).group(1))
     if not isinstance(meta, dict) or "state" not in meta:
         raise PicochatError(f'{path}: expected a JSON object with "step" and "state" (a damaged checkpoint)')
@@ -301,13 +298,45 @@ def read_stage_config(stage_dir: str | os.PathLike) -> dict[str, Any]:
     if not os.path.lexists(path):
         raise PicochatError(f"{path}: not found (is {Path(stage_dir)} a trained stage folder?)")
     _require_file(path, "stage config")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise PicochatError(f"{path}: unreadable ({_one_line(error)})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+    config = read_json(path)
+    if not isinstance(config, dict) or not isinstance(model_shape(config), dict):
         raise PicochatError(f'{path}: expected a JSON object with the model shape under "model"')
     return config
+
+
+def model_shape(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The GPT config of a stage's config.json: "model", or (older pretraining configs) derived.model_config."""
+    return config.get("model") or (config.get("derived") or {}).get("model_config")
+
+
+def provenance(device, dtype, world_size: int, use_compile: bool, resume_from: int | None) -> dict[str, Any]:
+    """Where a training stage's config.json came from: versions, git commit, command, device and ranks."""
+    import subprocess
+    import sys
+    import time
+
+    from picochat import __version__
+
+    commit = None
+    try:
+        result = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=5)  # fmt: skip
+        if result.returncode == 0:
+            commit = result.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "picochat_version": __version__,
+        "git_commit": commit,
+        "torch_version": torch.__version__,
+        "command": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": str(device),
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "world_size": world_size,
+        "compile": use_compile,
+        "resumed_from_step": resume_from,
+    }
 
 
 def has_weights(stage_dir: str | os.PathLike) -> bool:
@@ -343,12 +372,12 @@ def load_model(
 
     Built on the meta device and materialised directly on `device` (no throw-away random init on the CPU).
     """
-    from picochat.common import autodetect_device
     from picochat.gpt import GPT, GPTConfig
+    from picochat.hardware import autodetect_device
 
     stage_dir = Path(stage_dir)
     config_file = stage_dir / "config.json"
-    config = GPTConfig.from_dict(read_stage_config(stage_dir)["model"], source=str(config_file))
+    config = GPTConfig.from_dict(model_shape(read_stage_config(stage_dir)), source=str(config_file))
     if step is None:
         weights_file = stage_dir / "model.safetensors"
     else:

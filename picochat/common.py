@@ -1,4 +1,4 @@
-"""Things every stage needs: user-facing errors, paths, atomic writes, logging and progress bars, ranks.
+"""Things every stage needs: user-facing errors, paths, flag parsers, atomic writes and readers, logging, progress.
 
 One rule runs through this file: library code never prints. It logs through `log()` (rank 0 only, one
 logger named "picochat") and shows long work with `progress()` (a tqdm bar with rate and ETA, rank 0 only).
@@ -7,6 +7,8 @@ logger named "picochat") and shows long work with `progress()` (a tqdm bar with 
 from __future__ import annotations
 
 import argparse
+import gzip
+import io
 import json
 import logging
 import math
@@ -78,6 +80,16 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_name: str = "defa
     parser.add_argument("--run-dir", help="run folder path (overrides --run)")
 
 
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every training stage takes besides its settings: where the run is, the data, --resume and --device."""
+    add_run_arguments(parser)
+    parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
+    parser.add_argument("--resume", nargs="?", const="latest", type=resume_step, metavar="STEP",
+                        help="continue from the latest checkpoint (or from STEP), exactly; flags not given again are "
+                             "taken from the run's config.json")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, stage_help: str = "which model of the run") -> None:
     """--run/--run-dir plus --stage and --step: which trained model a command loads (checkpoint.find_stage_dir)."""
     add_run_arguments(parser)
@@ -120,6 +132,12 @@ def number_parser(kind: type, minimum: float | None = None, maximum: float | Non
         return value
 
     return parse
+
+
+def nonempty_text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty value")
+    return text
 
 
 positive_int = number_parser(int, 1)
@@ -173,19 +191,61 @@ def _fsync_dir(folder: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Ranks. torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python` run is rank 0 of 1.
+# Reading: the one reader of each format picochat's own files use (text, JSON, JSONL). Every problem is a
+# PicochatError naming the file (and line).
 
 
-def distributed_info() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment variables, (0, 0, 1) without them."""
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    return rank, local_rank, world_size
+def open_text(path: Path):
+    """A text file for reading, gzip-aware (by the .gz suffix), UTF-8 with a byte order mark tolerated."""
+    try:
+        if path.name.endswith(".gz"):
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+        return open(path, encoding="utf-8-sig", newline="")
+    except OSError as error:
+        raise PicochatError(f"{path}: cannot open ({error.strerror or error})") from None
 
 
-def is_main_process() -> bool:
-    return distributed_info()[0] == 0
+def read_text(path: Path) -> str:
+    try:
+        with open_text(path) as file:
+            return file.read()
+    except UnicodeDecodeError as error:
+        raise PicochatError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except (OSError, EOFError) as error:  # e.g. a truncated or corrupt .gz
+        raise PicochatError(f"{path}: cannot read ({error})") from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The value a JSON file holds."""
+    path = Path(path)
+    try:
+        return json.loads(read_text(path))
+    except ValueError as error:
+        raise PicochatError(f"{path}: unreadable ({' '.join(str(error).split())})") from None
+
+
+def read_jsonl(path: str | os.PathLike, *, objects: bool = False, cut_off_ok: bool = False) -> Iterator[tuple]:
+    """(line number, parsed value) for every non-blank line of a .jsonl / .jsonl.gz file. objects: every line must
+    be a JSON object. cut_off_ok: a last line that is not JSON (a writer killed mid-line) is skipped with a
+    warning rather than an error."""
+    path = Path(path)
+    # split("\n"), not splitlines(): a JSON string may hold U+2028 and other characters splitlines() breaks on.
+    lines = read_text(path).split("\n")
+    last = max((number for number, line in enumerate(lines, start=1) if line.strip()), default=0)
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            if cut_off_ok and number == last:
+                warn(f"{path}:{number}: skipping a cut-off last line")
+                return
+            problem = "not a JSON object" if objects else "not valid JSON"
+            raise PicochatError(f"{path}:{number}: {problem} ({error.msg} at column {error.colno})") from None
+        if objects and not isinstance(value, dict):
+            raise PicochatError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
+        yield number, value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,11 +285,15 @@ def setup_logging(verbose: bool = False) -> None:
 
 def log(message: str, *, all_ranks: bool = False) -> None:
     """Log one informational line (rank 0 only unless all_ranks)."""
+    from picochat.hardware import is_main_process
+
     if all_ranks or is_main_process():
         _logger.info(message)
 
 
 def warn(message: str) -> None:
+    from picochat.hardware import is_main_process
+
     if is_main_process():
         _logger.warning("warning: " + message)
 
@@ -245,6 +309,8 @@ def progress(
 ) -> Iterator[T]:
     """A tqdm progress bar (rate and ETA) on rank 0; silent on other ranks and when PICOCHAT_NO_PROGRESS=1."""
     from tqdm.auto import tqdm
+
+    from picochat.hardware import is_main_process
 
     if disable is None:
         disable = not is_main_process() or os.environ.get("PICOCHAT_NO_PROGRESS") == "1"
@@ -278,46 +344,6 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None) ->
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Device and precision. Precision is explicit (no autocast): weights are fp32 masters and every forward runs in
-# one compute dtype chosen here, once per device. torch is imported inside the functions so that importing
-# this module stays cheap for the CLI.
-
-_DTYPE_NAMES = ("bfloat16", "float16", "float32")
-
-
-def autodetect_device() -> str:
-    """The best device this machine has: "cuda" > "mps" > "cpu"."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def compute_dtype(device: str | Any) -> Any:
-    """The dtype activations are computed in on `device` (a string like "cuda:0" or a torch.device).
-
-    $PICOCHAT_DTYPE (bfloat16 | float16 | float32) wins. Otherwise bfloat16 on CUDA GPUs of compute capability
-    8.0 or newer (Ampere+, where bf16 tensor cores are fast and bf16 has fp32's exponent range, so no loss
-    scaling is needed), and float32 everywhere else (older GPUs, MPS, CPU).
-    """
-    import torch
-
-    name = os.environ.get("PICOCHAT_DTYPE", "").strip()
-    if name:
-        if name not in _DTYPE_NAMES:
-            raise PicochatError(f"$PICOCHAT_DTYPE={name!r}: expected one of {', '.join(_DTYPE_NAMES)}")
-        return getattr(torch, name)
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        if torch.cuda.get_device_capability(device) >= (8, 0):
-            return torch.bfloat16
-    return torch.float32
 
 
 # The compiler backend behind every torch.compile picochat makes (model, optimizer updates, FlexAttention).

@@ -14,7 +14,7 @@ What is in it (each item is explained where it is built):
 - logits soft-capped at 15: 15 * tanh(logits / 15)
 
 Precision is explicit. Parameters are fp32 "master" weights; activations are in one compute dtype (bf16 on
-modern CUDA, fp32 on CPU; see common.compute_dtype). Our Linear casts its weight to the activation dtype on
+modern CUDA, fp32 on CPU; see hardware.compute_dtype). Our Linear casts its weight to the activation dtype on
 the fly, which is the whole mechanism (no autocast). Logits and the loss are computed in fp32 (the loss
 without materialising the logits: picochat/loss.py).
 
@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from picochat import common, inference_cost
+from picochat import hardware, inference_cost
 from picochat.attention import KVCache, RowPositions, SlotKVCache, attention
 from picochat.common import PicochatError
 from picochat.fp8 import fp8_linear
@@ -288,7 +288,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig, *, compute_dtype: torch.dtype | None = None):
         """Shapes only: build under `torch.device("meta")`, then to_empty() + init_weights() (see the top).
 
-        compute_dtype: the activation dtype; None picks common.compute_dtype() for the device the model is
+        compute_dtype: the activation dtype; None picks hardware.compute_dtype() for the device the model is
         materialised on (resolved in init_weights).
         """
         super().__init__()
@@ -314,7 +314,8 @@ class GPT(nn.Module):
         self.smear_gate = Linear(SMEAR_CHANNELS, 1)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.zeros(1))
-        # Rotary tables for 10x the training context (inference may run longer); not saved in checkpoints.
+        # Rotary tables for 10x the training context, as the reference sizes them (the Engine never runs past the
+        # training context; only direct forward calls can use the rest); recomputed, so not saved in checkpoints.
         self.rotary_len = 10 * config.sequence_len
         half = config.head_dim // 2
         self.register_buffer("cos", torch.empty(1, self.rotary_len, 1, half), persistent=False)
@@ -361,7 +362,7 @@ class GPT(nn.Module):
 
         device = self.wte.weight.device
         if self.compute_dtype is None:
-            self.compute_dtype = common.compute_dtype(device)
+            self.compute_dtype = hardware.compute_dtype(device)
         self.cos, self.sin = rotary_tables(self.rotary_len, config.head_dim, device=device, dtype=self.compute_dtype)
 
     def store_embeddings_in(self, dtype: torch.dtype) -> None:
@@ -556,7 +557,7 @@ class GPT(nn.Module):
         """MuonAdamW with the reference's parameter groups. Embedding and unembedding LRs are scaled by
         (n_embd / 768)^-0.5 (they were tuned at width 768). Matrices inside the blocks go to Muon, one group
         per shape (so same-shape matrices are orthogonalised as one stacked batch); everything else to AdamW.
-        The trainer applies its batch-size LR scaling to the arguments before calling this. Every group
+        The pretraining stage applies the batch-size LR scaling (picochat.scaling) to the arguments. Every group
         records `initial_lr` for the schedules."""
         from picochat.optim import MuonAdamW
 
@@ -569,7 +570,7 @@ class GPT(nn.Module):
             ("value_embeds", list(self.value_embeds.parameters()), embedding_lr * scale * 0.5, (0.8, 0.995), 0.01),
             ("resid_lambdas", [self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
             ("x0_lambdas", [self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),  # slower-moving first moment
-            ("smear_backout", smear_backout, 0.2, (0.8, 0.95), 0.0),  # fixed LR, not scaled by the trainer
+            ("smear_backout", smear_backout, 0.2, (0.8, 0.95), 0.0),  # fixed LR: no width or batch-size scaling
         ]
         groups = [
             dict(kind="adamw", name=name, params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=decay)

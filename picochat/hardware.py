@@ -1,8 +1,8 @@
-"""What a run trains on: its ranks and device (torchrun's process group), and the numbers the trainer reports
-about the hardware -- the device's nominal peak FLOP/s (for MFU) and the peak memory a rank used.
+"""What a run trains on: its ranks and device (torchrun's process group), its compute dtype, and the numbers the
+trainer reports about the hardware -- the device's nominal peak FLOP/s (for MFU) and the peak memory a rank used.
 
-Ranks come from common.distributed_info (torchrun's environment variables); distributed_session turns them into a
-device and an initialised process group for the length of a run.
+This is the one place that knows about ranks and devices. torch is imported inside the functions: logging asks
+is_main_process on every line, and commands that never touch a model must not pay for importing torch.
 """
 
 from __future__ import annotations
@@ -14,14 +14,27 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+from picochat.common import PicochatError
 
-from picochat.common import PicochatError, autodetect_device, distributed_info
+if TYPE_CHECKING:
+    import torch
 
 # ----------------------------------------------------------------------------------------------------------
 # Ranks: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR/PORT); a plain run is rank 0 of 1.
+
+
+def distributed_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment variables, (0, 0, 1) without them."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    return rank, local_rank, world_size
+
+
+def is_main_process() -> bool:
+    return distributed_info()[0] == 0
 
 
 @dataclass
@@ -40,12 +53,14 @@ class Distributed:
 def distributed_session(device: str | None = None) -> Iterator[Distributed]:
     """Pick the device, and under torchrun initialise the process group (nccl on CUDA with the device from
     LOCAL_RANK, gloo on CPU); the group is destroyed on the way out, on errors too."""
+    import torch
+    import torch.distributed as dist
+
+    check_device(device)
     rank, local_rank, world_size = distributed_info()
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
     device_type = torch.device(device or autodetect_device()).type
     if device_type == "cuda":
-        if not torch.cuda.is_available():
-            raise PicochatError("--device cuda: no CUDA GPU is available (use --device cpu)")
         torch_device = torch.device("cuda", local_rank if launched else torch.device(device or "cuda").index or 0)
         torch.cuda.set_device(torch_device)
     elif launched and world_size > 1 and device_type != "cpu":
@@ -73,7 +88,66 @@ def distributed_session(device: str | None = None) -> Iterator[Distributed]:
 
 def is_distributed() -> bool:
     """True when a process group of more than one rank is running (collectives are needed)."""
+    import torch.distributed as dist
+
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices and precision. Precision is explicit (no autocast): weights are fp32 masters and every forward runs in
+# one compute dtype chosen here, once per device.
+
+_DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+def check_device(name: str | None) -> None:
+    """A --device value this machine can use (None: the best available), else a one-line error."""
+    import torch
+
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PicochatError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PicochatError(f"--device {name}: this machine has no usable CUDA device (use --device cpu)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise PicochatError(f"--device {name}: MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise PicochatError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps")
+
+
+def autodetect_device() -> str:
+    """The best device this machine has: "cuda" > "mps" > "cpu"."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def compute_dtype(device: str | Any) -> Any:
+    """The dtype activations are computed in on `device` (a string like "cuda:0" or a torch.device).
+
+    $PICOCHAT_DTYPE (bfloat16 | float16 | float32) wins. Otherwise bfloat16 on CUDA GPUs of compute capability
+    8.0 or newer (Ampere+, where bf16 tensor cores are fast and bf16 has fp32's exponent range, so no loss
+    scaling is needed), and float32 everywhere else (older GPUs, MPS, CPU).
+    """
+    import torch
+
+    name = os.environ.get("PICOCHAT_DTYPE", "").strip()
+    if name:
+        if name not in _DTYPE_NAMES:
+            raise PicochatError(f"$PICOCHAT_DTYPE={name!r}: expected one of {', '.join(_DTYPE_NAMES)}")
+        return getattr(torch, name)
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        if torch.cuda.get_device_capability(device) >= (8, 0):
+            return torch.bfloat16
+    return torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,6 +185,8 @@ def cpu_memory_bandwidth(megabytes: int = 256, repeats: int = 3) -> float:
     copies of a buffer much larger than the caches."""
     import time
 
+    import torch
+
     source = torch.ones(megabytes * 2**20 // 4)
     target = torch.empty_like(source)
     best = float("inf")
@@ -123,6 +199,8 @@ def cpu_memory_bandwidth(megabytes: int = 256, repeats: int = 3) -> float:
 
 def peak_bandwidth(device: torch.device) -> tuple[float | None, str]:
     """(bytes/s, where the figure comes from): the nominal figure of a known GPU, a measured copy rate on CPU."""
+    import torch
+
     if device.type == "cuda":
         return gpu_peak_bandwidth(torch.cuda.get_device_name(device)), "nominal (hardware.GPU_PEAK_BANDWIDTH)"
     if device.type == "cpu":
@@ -136,6 +214,8 @@ def cpu_peak_flops(threads: int | None = None) -> tuple[float, str]:
     FLOPs per cycle assume two FMA units per core: AVX-512 2 x 16 lanes x 2 = 64, AVX2+FMA 32, AVX 16, else 8.
     This is an optimistic ceiling (many cores have one 512-bit unit or clock down under AVX-512); bench/train.py
     reports it next to a fp32 matmul throughput it measures on the machine, which is the honest yardstick."""
+    import torch
+
     threads = threads or torch.get_num_threads()
     flags, clock_hz = set(), 3e9  # (3 GHz when the clock cannot be read, e.g. not Linux)
     with contextlib.suppress(OSError, ValueError):
@@ -159,6 +239,8 @@ def gpu_peak_flops(device_name: str) -> float | None:
 
 def peak_flops(device: torch.device) -> float | None:
     """Nominal peak FLOP/s of one rank's device; None when unknown (MFU is then not reported)."""
+    import torch
+
     if device.type == "cpu":
         return cpu_peak_flops()[0]
     if device.type == "cuda":
@@ -168,6 +250,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 def peak_memory_bytes(device: torch.device) -> int:
     """High-water mark: allocated GPU memory on CUDA, the process's resident set (RSS) on CPU."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

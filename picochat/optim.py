@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 
 from picochat.common import PicochatError, compile_backend
+from picochat.hardware import is_distributed
 
 # Polar Express coefficients (a, b, c) for the five iterations, in order.
 POLAR_EXPRESS_COEFFICIENTS = (
@@ -282,7 +283,7 @@ class MuonAdamW(torch.optim.Optimizer):
         """(rank, world_size) this optimizer communicates over; (0, 1) when not distributed."""
         use = self.distributed
         if use is None:
-            use = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            use = is_distributed()
         if not use:
             return 0, 1
         return dist.get_rank(), dist.get_world_size()

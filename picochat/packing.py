@@ -15,13 +15,13 @@ wastes the fewest tokens. With a sorted buffer both picks are a binary search (b
 packing (the buffer, the pretraining and SFT streams, their counters and state) is picochat/bestfit.py.
 
 Streams: what makes exact resume possible on a different number of ranks
-    An optimizer step consumes S rows ("num_streams", default batch_size x world_size; pass batch_size x
-    world_size x accumulation when accumulating gradients). Stream s receives the documents whose global index i
-    has i % S == s, packs them with its own buffer and emits one row per optimizer step, so what stream s emits
-    depends on s and the data only. Rank r owns the streams s with s % world_size == r (in increasing order), and
-    micro-batch m of rank r is made of its owned streams [m*B:(m+1)*B]: the rows of an optimizer step are the same
-    for (1 rank, 2 micro-batches) and (2 ranks, 1 micro-batch). S is a multiple of world_size, so a rank's
-    streams need exactly the documents data.iter_documents(rank=r, world_size=world_size) reads.
+    An optimizer step consumes S rows ("num_streams" = batch_size x world_size). Stream s receives the documents
+    whose global index i has i % S == s, packs them with its own buffer and emits one row per step, so what stream
+    s emits depends on s and the data only. Rank r owns the streams s with s % world_size == r (in increasing
+    order), and each of its batches is one row of each of them. Gradient accumulation is not the loader's business:
+    the trainer makes one loader per micro-step, each a rank of world_size x accumulation "virtual ranks"
+    (trainer.py), so the rows of a step are the same for (1 rank, 2 micro-steps) and (2 ranks, 1 micro-step). A
+    rank's streams need exactly the documents data.iter_documents(rank=r, world_size=world_size) reads.
     A stream takes documents into its buffer only when it needs them (before each pick, up to buffer_size); what
     the rank reads for its other streams waits in their own queues. So a stream's buffer depends only on its own
     documents and its own history, never on which other streams share its rank.
@@ -56,11 +56,11 @@ PRETRAINING_FORMAT, SFT_FORMAT = "picochat-pretraining-loader", "picochat-sft-lo
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Streams over ranks and micro-batches; arguments; state
+# Streams over ranks; arguments; state
 
 
 def owned_streams(rank: int, world_size: int, num_streams: int) -> list[int]:
-    """The streams rank `rank` packs, in micro-batch order: s = rank, rank + world_size, ..."""
+    """The streams rank `rank` packs, in row order: s = rank, rank + world_size, ..."""
     return list(range(rank, num_streams, world_size))
 
 
@@ -73,21 +73,18 @@ def _check_positive_int(name: str, value: Any, example: str = "") -> int:
 def _check_layout(batch_size: Any, seq_len: Any, rank: Any, world_size: Any, num_streams: Any, buffer_size: Any,
                   default_buffer: tuple[int, int]) -> tuple[int, int]:
     """Validate the shape arguments; returns (num_streams, buffer_size) with their defaults filled in."""
-    _check_positive_int("batch_size", batch_size, " (rows per micro-batch, e.g. 32)")
+    _check_positive_int("batch_size", batch_size, " (rows per batch, e.g. 32)")
     _check_positive_int("seq_len", seq_len, " (tokens per row, e.g. 2048)")
     _check_positive_int("world_size", world_size)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise PicochatError(f"rank must be an integer in 0..{world_size - 1} (world_size={world_size}), got {rank!r}")
-    unit = batch_size * world_size  # rows of one micro-batch on every rank
+    unit = batch_size * world_size  # rows of one batch on every rank: one row of every stream
     num_streams = unit if num_streams is None else num_streams
-    _check_positive_int("num_streams", num_streams, f" (rows per optimizer step, e.g. {unit})")
-    if num_streams % unit:
-        below = num_streams // unit * unit
-        nearest = " or ".join(str(n) for n in (below, below + unit) if n > 0)
-        raise PicochatError(
-            f"num_streams={num_streams} (rows per optimizer step) must be a multiple of batch_size x world_size "
-            f"= {batch_size} x {world_size} = {unit}, so that every rank gets whole micro-batches; try {nearest}"
-        )
+    if num_streams != unit:
+        # One accumulation story: the trainer runs a loader per micro-step, as a virtual rank (see trainer.py).
+        raise PicochatError(f"num_streams={num_streams} (rows per optimizer step) must be batch_size x world_size = "
+                            f"{batch_size} x {world_size} = {unit}; to accumulate, make one loader per micro-step "
+                            "with world_size x accumulation ranks")
     budget, floor = default_buffer
     buffer_size = max(floor, budget // num_streams) if buffer_size is None else buffer_size
     _check_positive_int("buffer_size", buffer_size, " (documents buffered per stream)")
@@ -114,16 +111,14 @@ def _to_device(inputs: np.ndarray, targets: np.ndarray, device: torch.device) ->
     return staging[0], staging[1]
 
 
-def _micro_batches(streams: list, batch_size: int, micro_batch: int, make_batch: Callable, header: dict[str, Any],
-                   more_state: Callable[[], dict[str, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
-    """The loop both loaders share: micro-batch m of this rank is its streams [m*B:(m+1)*B], one row each, and
-    comes with the state to continue exactly after it. Ends when make_batch finds no data left (None)."""
-    per_step = len(streams) // batch_size
+def _batches(streams: list, make_batch: Callable, header: dict[str, Any],
+             more_state: Callable[[], dict[str, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """The loop both loaders share: a batch is one row of each of this rank's streams, and comes with the state to
+    continue exactly after it. Ends when make_batch finds no data left (None)."""
     while True:
-        batch = make_batch(streams[micro_batch * batch_size : (micro_batch + 1) * batch_size])
+        batch = make_batch(streams)
         if batch is None:
             return
-        micro_batch = (micro_batch + 1) % per_step
         stats = PackingStats()
         for stream in streams:
             stats.add(stream.stats)
@@ -131,9 +126,9 @@ def _micro_batches(streams: list, batch_size: int, micro_batch: int, make_batch:
         yield batch[0], batch[1], state
 
 
-def _restore(state: Any, header: dict[str, Any], streams: list, batch_size: int) -> int:
+def _restore(state: Any, header: dict[str, Any], streams: list) -> None:
     """Load the streams from a state saved by a loader of the same kind and shape (any other would silently pack
-    differently). Returns the micro-batch to continue with."""
+    differently)."""
     if not isinstance(state, dict) or not isinstance(state.get("streams"), list):
         raise PicochatError("loader state: expected the state dict yielded by the loader (with a 'streams' list)")
     for key, value in header.items():
@@ -154,12 +149,9 @@ def _restore(state: Any, header: dict[str, Any], streams: list, batch_size: int)
             stream.load_state_dict(saved[stream.stream])
         except (KeyError, TypeError, ValueError) as error:
             raise PicochatError(f"loader state: stream {stream.stream} is malformed ({error!r})") from None
-    # The micro-batches already done in the current step are the leading ones, with one row more than the rest.
-    rows = [stream.stats.rows for stream in streams]
-    done = sum(1 for count in rows if count > rows[-1]) // batch_size
-    if rows != [rows[0]] * (done * batch_size) + [rows[-1]] * (len(rows) - done * batch_size) or rows[0] > rows[-1] + 1:
-        raise PicochatError(f"loader state: stream row counts {rows} do not describe a point inside one step")
-    return done
+    rows = {stream.stats.rows for stream in streams}
+    if len(rows) > 1:
+        raise PicochatError(f"loader state: stream row counts {sorted(rows)} differ (not saved between two batches)")
 
 
 def merge_loader_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -199,13 +191,12 @@ def pretraining_batches(
     tokenizer_threads: int | None = None,
     tokenizer_batch_size: int = 256,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
-    """Pretraining micro-batches (inputs, targets, state): int64 (batch_size, seq_len) tensors on `device`.
+    """Pretraining batches (inputs, targets, state): int64 (batch_size, seq_len) tensors on `device`.
 
     files: text files or folders (data.find_text_files). Rows are BOS-aligned best-fit packed with cropping: no
-    padding, every row starts with BOS. With num_streams = batch_size x world_size x accumulation it yields
-    `accumulation` micro-batches per optimizer step (see the module docstring). loop=False: stop when the documents
-    run out. state: one yielded earlier (or merge_loader_states of all ranks' states), to continue exactly.
-    tokenizer_threads (default min(4, cpus)) tokenize tokenizer_batch_size documents at a time.
+    padding, every row starts with BOS. One batch per optimizer step (see the module docstring). loop=False: stop
+    when the documents run out. state: one yielded earlier (or merge_loader_states of all ranks' states), to
+    continue exactly. tokenizer_threads (default min(4, cpus)) tokenize tokenizer_batch_size documents at a time.
     """
     num_streams, buffer_size = _check_layout(batch_size, seq_len, rank, world_size, num_streams, buffer_size,
                                              (PRETRAINING_BUFFER_DOCUMENTS, PRETRAINING_MIN_BUFFER))
@@ -217,9 +208,9 @@ def pretraining_batches(
     by_id = {stream.stream: stream for stream in streams}
     header = {"format": PRETRAINING_FORMAT, "version": 1, "num_streams": num_streams, "seq_len": seq_len,
               "buffer_size": buffer_size}
-    first_micro_batch, cursor = 0, None
+    cursor = None
     if state is not None:
-        first_micro_batch = _restore(state, header, streams, batch_size)
+        _restore(state, header, streams)
         cursor = _resume_cursor(state.get("readers", []), rank, world_size)
     documents: Iterator[tuple[str, Cursor]] | None = None  # opened at the first read: no work before
 
@@ -258,7 +249,7 @@ def pretraining_batches(
     def reader_state() -> dict[str, Any]:
         return {"readers": [{"rank": rank, "world_size": world_size, "cursor": cursor}]}
 
-    return _micro_batches(streams, batch_size, first_micro_batch, make_batch, header, reader_state)
+    return _batches(streams, make_batch, header, reader_state)
 
 
 def _resume_cursor(readers: list[dict[str, Any]], rank: int, world_size: int) -> dict | None:
@@ -288,7 +279,7 @@ def sft_batches(
     buffer_size: int | None = None,
     loop: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
-    """SFT micro-batches (inputs, targets, state): int64 (batch_size, seq_len) tensors on `device`; targets are -1
+    """SFT batches (inputs, targets, state): int64 (batch_size, seq_len) tensors on `device`; targets are -1
     where there is no loss (render mask 0, and BOS padding).
 
     conversations: an indexable sequence in a fixed order, each rendered by tokenizer.render_conversation with
@@ -320,7 +311,8 @@ def sft_batches(
                for s in owned_streams(rank, world_size, num_streams)]
     header = {"format": SFT_FORMAT, "version": 1, "num_streams": num_streams, "seq_len": seq_len,
               "buffer_size": buffer_size, "num_conversations": num_conversations}
-    first_micro_batch = 0 if state is None else _restore(state, header, streams, batch_size)
+    if state is not None:
+        _restore(state, header, streams)
     ids = np.empty((batch_size, row_capacity), dtype=np.int32)  # reused: each batch is copied out of it
     mask = np.empty((batch_size, row_capacity), dtype=np.uint8)
 
@@ -334,4 +326,4 @@ def sft_batches(
     def epoch() -> dict[str, Any]:
         return {"epoch": min(stream.next_index for stream in streams) // num_conversations}
 
-    return _micro_batches(streams, batch_size, first_micro_batch, make_batch, header, epoch)
+    return _batches(streams, make_batch, header, epoch)

@@ -25,7 +25,6 @@ before a new pipeline can start on the folder.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -36,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from picochat.common import PicochatError, atomic_write_json, log, typable_command, warn
+from picochat.common import PicochatError, atomic_write_json, log, read_json, typable_command, warn
 from picochat.presets import Preset
+from picochat.settings import PretrainSettings, RLSettings, SFTSettings, argv
 
 PIPELINE_FILE = "pipeline.json"
 LOCK_FILE = ".pipeline.lock"
@@ -62,9 +62,10 @@ class Stage:
 
 
 def _read_json(path: Path) -> Any:
+    """The file's JSON value, None when it is missing or damaged (then the stage is not complete)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path)
+    except PicochatError:
         return None
 
 
@@ -97,7 +98,7 @@ def final_step(stage_dir: Path) -> int | None:
 
 def eval_file(run_dir: Path, kind: str, stage: str) -> Path | None:
     """eval/<kind>_<stage>_step<NNNNNN>.json for the stage's final step (None while the stage has no checkpoint)."""
-    from picochat.stages.evaluate import result_name
+    from picochat.evaluation import result_name
 
     step = final_step(run_dir / stage)
     return None if step is None else run_dir / "eval" / f"{result_name(kind, stage, step)}.json"
@@ -146,16 +147,9 @@ def plan_stages(preset: Preset, run_dir: Path, data_dir: Path) -> list[Stage]:
     if latest_checkpoint(run_dir / "base"):
         pretrain = ["pretrain", *where, "--resume"]
     else:
-        pretrain = ["pretrain", *where, *data, "--depth", str(p.depth), "--max-seq-len", str(p.max_seq_len),
-                    "--device-batch-size", str(p.device_batch_size),
-                    "--target-param-data-ratio", str(p.target_param_data_ratio),
-                    "--eval-every", str(p.eval_every), "--eval-tokens", str(p.eval_tokens),
-                    "--save-every", str(p.save_every), "--sample-every", str(1 << 30)]  # fmt: skip
         # A huge --sample-every: greedy samples at the end only (they go into the report).
-        if p.total_batch_size is not None:
-            pretrain += ["--total-batch-size", str(p.total_batch_size)]
-        if p.num_iterations is not None:
-            pretrain += ["--num-iterations", str(p.num_iterations)]
+        pretrain = ["pretrain", *where, *data, *argv(*p.stage_settings(PretrainSettings)), "--sample-every",
+                    str(1 << 30)]
     stages.append(Stage("pretrain", pretrain, distributed=True))
 
     stages.append(Stage("base-bpb", ["eval", "bpb", *where, *data, "--stage", "base", "--tokens", str(p.bpb_tokens)],
@@ -168,20 +162,13 @@ def plan_stages(preset: Preset, run_dir: Path, data_dir: Path) -> list[Stage]:
     if latest_checkpoint(run_dir / "sft"):
         sft = ["sft", *where, *data, "--resume"]
     else:
-        sft = ["sft", *where, *data, "--source", "base", "--mix", p.sft_mix, "--identity-name", p.identity_name,
-               "--identity-creator", p.identity_creator, "--device-batch-size", str(p.sft_device_batch_size),
-               "--save-every", str(p.save_every or 1 << 30), "--eval-every", str(p.eval_every)]  # fmt: skip
-        if p.sft_num_iterations is not None:
-            sft += ["--num-iterations", str(p.sft_num_iterations)]
+        sft = ["sft", *where, *data, "--source", "base", *argv(*p.stage_settings(SFTSettings)),
+               "--save-every", str(p.save_every or 1 << 30), "--eval-every", str(p.eval_every)]
     stages.append(Stage("sft", sft, distributed=True))
     stages.append(Stage("sft-eval", _chat_eval(where, data, "sft", p.chat_eval_tasks, p), distributed=True))
 
     if p.rl:
-        # RL is resumed with its flags given again: it checks them against the checkpoint's settings.
-        rl = ["rl", *where, *data, "--source", "sft", "--examples-per-step", str(p.rl_examples_per_step),
-              "--num-samples", str(p.rl_num_samples), "--max-new-tokens", str(p.rl_max_new_tokens)]
-        if p.rl_num_steps is not None:
-            rl += ["--num-steps", str(p.rl_num_steps)]
+        rl = ["rl", *where, *data, "--source", "sft", *argv(*p.stage_settings(RLSettings))]
         if latest_checkpoint(run_dir / "rl"):
             rl.append("--resume")
         stages.append(Stage("rl", rl, distributed=True))

@@ -27,9 +27,10 @@ H100_BF16_PEAK = 989e12
 
 def pretraining_plan(preset: Preset) -> dict:
     """`picochat pretrain`'s own derivation for this preset (shapes, batch, steps, tokens, FLOPs)."""
-    from picochat.stages.pretrain import DEFAULTS, derive_plan
+    from picochat.scaling import derive_plan
+    from picochat.settings import PretrainSettings, defaults
 
-    flags = dict(DEFAULTS)
+    flags = defaults(PretrainSettings)
     flags.update(depth=preset.depth, max_seq_len=preset.max_seq_len, device_batch_size=preset.device_batch_size,
                  total_batch_size=preset.total_batch_size, num_iterations=preset.num_iterations,
                  target_param_data_ratio=preset.target_param_data_ratio)  # fmt: skip
@@ -40,8 +41,7 @@ def estimate_seconds(training_flops: float, processes: int) -> tuple[float | Non
     """Pretraining time on this machine's device, and how it was estimated."""
     import torch
 
-    from picochat.common import autodetect_device
-    from picochat.hardware import cpu_peak_flops, gpu_peak_flops
+    from picochat.hardware import autodetect_device, cpu_peak_flops, gpu_peak_flops
 
     device = autodetect_device()
     if device == "cuda":

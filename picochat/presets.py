@@ -2,7 +2,8 @@
 
 A preset is one `Preset` value (a frozen dataclass); `PRESETS` below holds the three that ship. Each field is
 also a flag of `picochat run` (`--depth 6`, `--sft-mix ...`, `--rl`), so any value can be overridden without
-editing code; the field's metadata gives the flag's help text and its parser. `picochat run --dry-run` prints
+editing code; the field's metadata gives the flag's help text and its parser (for a setting of a training stage,
+those of its declaration in picochat/settings.py: `passed_to`). `picochat run --dry-run` prints
 the resolved values.
 
     cpu       a 2-core machine without a GPU: the whole pipeline end to end in about 20 minutes. The model is tiny
@@ -16,30 +17,26 @@ the resolved values.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
+from typing import Any
 
-from picochat.common import number_parser
+from picochat.common import nonempty_text, number_parser
+from picochat.settings import PretrainSettings, RLSettings, SFTSettings
 
 
 def _parser(kind: type, minimum: float | None = None, *, optional: bool = False):
     """A flag parser: `kind` with an optional lower bound (common.number_parser); `optional` also accepts
     "auto" (= None: the value is derived)."""
     parse = number_parser(kind, minimum)
-    if not optional:
-        return parse
+    return _optional(parse) if optional else parse
 
+
+def _optional(parse):
     def parse_optional(text: str):
         return None if text.strip().lower() in ("auto", "none") else parse(text)
 
     return parse_optional
-
-
-def nonempty_text(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a non-empty value")
-    return text
 
 
 def setting(help_text: str, parse=None) -> dict:
@@ -47,7 +44,19 @@ def setting(help_text: str, parse=None) -> dict:
     return field(metadata={"help": help_text, "parse": parse})
 
 
-@dataclass(frozen=True)
+def passed_to(settings_class: type, name: str) -> Any:
+    """A preset field that `picochat run` passes to a training stage as its setting `name` (picochat/settings.py):
+    default, help and parser are that declaration's; a setting the stage derives when absent also takes "auto"."""
+    declared = next(item for item in fields(settings_class) if item.name == name)
+    parse = declared.metadata["parse"]
+    if declared.default is None:
+        parse = _optional(parse)
+    metavar = "TEXT" if declared.metadata["parse"] in (nonempty_text, str) else "N"
+    return field(default=declared.default, metadata={"help": declared.metadata["help"], "parse": parse,
+                                                     "metavar": metavar, "stage": settings_class, "name": name})
+
+
+@dataclass(frozen=True, kw_only=True)  # keywords only: fields passed to a stage have its defaults
 class Preset:
     # data
     download_shards: int = setting("ClimbMix train shards to download before pretraining (0: use the data folder "
@@ -58,27 +67,24 @@ class Preset:
     vocab_size: int = setting("tokenizer vocabulary", _parser(int, 266))
     tokenizer_max_chars: int = setting("characters the tokenizer trains on", _parser(int, 1))
     # pretraining
-    depth: int = setting("transformer layers (width, heads, learning rates follow)", _parser(int, 1))
-    max_seq_len: int = setting("tokens per row", _parser(int, 8))
-    device_batch_size: int = setting("rows per forward pass per rank", _parser(int, 1))
-    total_batch_size: int | None = setting("tokens per optimizer step (auto: from the depth)",
-                                           _parser(int, 1, optional=True))  # fmt: skip
-    num_iterations: int | None = setting("pretraining steps (auto: from --target-param-data-ratio)",
-                                         _parser(int, 1, optional=True))  # fmt: skip
-    target_param_data_ratio: float = setting("training tokens per scaling parameter", _parser(float, 0))
-    eval_every: int = setting("validation bits per byte every N steps (0: at the end)", _parser(int, 0))
-    eval_tokens: int = setting("validation tokens per evaluation", _parser(int, 1))
-    save_every: int = setting("checkpoint every N steps (how much an interruption can cost)", _parser(int, 0))
+    depth: int = passed_to(PretrainSettings, "depth")
+    max_seq_len: int = passed_to(PretrainSettings, "max_seq_len")
+    device_batch_size: int = passed_to(PretrainSettings, "device_batch_size")
+    total_batch_size: int | None = passed_to(PretrainSettings, "total_batch_size")
+    num_iterations: int | None = passed_to(PretrainSettings, "num_iterations")
+    target_param_data_ratio: float = passed_to(PretrainSettings, "target_param_data_ratio")
+    eval_every: int = passed_to(PretrainSettings, "eval_every")  # SFT's too
+    eval_tokens: int = passed_to(PretrainSettings, "eval_tokens")
+    save_every: int = passed_to(PretrainSettings, "save_every")  # SFT's too
     # base model evaluation
     bpb_tokens: int = setting("tokens per split for the base model's bits per byte", _parser(int, 1))
     core_max_per_task: int | None = setting("CORE items per task (auto: all)", _parser(int, 1, optional=True))
     # supervised fine-tuning
-    sft_mix: str = setting("SFT mixture, source:epochs,... (see `picochat sft --help`)", nonempty_text)
-    sft_num_iterations: int | None = setting("SFT steps (auto: one pass over the mixture)",
-                                             _parser(int, 1, optional=True))  # fmt: skip
-    sft_device_batch_size: int = setting("SFT rows per forward pass per rank", _parser(int, 1))
-    identity_name: str = setting("the model's name, taught by the identity conversations", nonempty_text)
-    identity_creator: str = setting("who made the model, in the identity conversations", nonempty_text)
+    sft_mix: str = passed_to(SFTSettings, "mix")
+    sft_num_iterations: int | None = passed_to(SFTSettings, "num_iterations")
+    sft_device_batch_size: int = passed_to(SFTSettings, "device_batch_size")
+    identity_name: str = passed_to(SFTSettings, "identity_name")
+    identity_creator: str = passed_to(SFTSettings, "identity_creator")
     # chat evaluation
     chat_eval_tasks: str = setting("chat evaluations after SFT (comma-separated; `picochat eval chat`)", nonempty_text)
     chat_eval_max_problems: int | None = setting("problems per chat task (auto: all)",
@@ -86,10 +92,10 @@ class Preset:
     chat_eval_max_new_tokens: int = setting("tokens per generated answer in the chat evaluations", _parser(int, 1))
     # reinforcement learning (GSM8K)
     rl: bool = setting("run RL on GSM8K after SFT (then evaluate GSM8K again)")
-    rl_num_steps: int | None = setting("RL steps (auto: one epoch of GSM8K)", _parser(int, 1, optional=True))
-    rl_examples_per_step: int = setting("GSM8K problems per RL step", _parser(int, 1))
-    rl_num_samples: int = setting("samples per problem", _parser(int, 1))
-    rl_max_new_tokens: int = setting("tokens per sampled answer", _parser(int, 1))
+    rl_num_steps: int | None = passed_to(RLSettings, "num_steps")
+    rl_examples_per_step: int = passed_to(RLSettings, "examples_per_step")
+    rl_num_samples: int = passed_to(RLSettings, "num_samples")
+    rl_max_new_tokens: int = passed_to(RLSettings, "max_new_tokens")
     # launching
     nproc_per_node: int = setting("processes (GPUs) for training and evaluation; > 1 launches torchrun",
                                   _parser(int, 1))  # fmt: skip
@@ -102,6 +108,13 @@ class Preset:
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def stage_settings(self, settings_class: type) -> tuple[Any, list[str]]:
+        """(settings of that stage with this preset's values, the names this preset sets): what `picochat run`
+        passes to the stage (settings.argv)."""
+        values = {f.metadata["name"]: getattr(self, f.name) for f in fields(self)
+                  if f.metadata.get("stage") is settings_class}
+        return settings_class(**values), list(values)
 
 
 def setting_fields() -> list:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from picochat.common import PicochatError, atomic_write_bytes, atomic_write_text, warn
+from picochat.common import PicochatError, atomic_write_bytes, atomic_write_text, read_json, read_jsonl
 
 STAGES = [("base", "BASE"), ("mid", "MID"), ("sft", "SFT"), ("rl", "RL")]
 ALWAYS_SHOWN = {"base", "sft", "rl"}  # the summary's columns even when a stage has not run yet
@@ -61,35 +61,11 @@ def normalize(name: str) -> str:
 # Reading
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise PicochatError(f"{path}: cannot read ({error.strerror or error})") from None
-    except ValueError as error:
-        raise PicochatError(f"{path}: not valid JSON ({error})") from None
-
-
 def read_events(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a metrics.jsonl ([] if there is none)."""
+    """The JSON objects of a metrics.jsonl ([] if there is none; a cut-off last line is skipped)."""
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    events = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            if number == len(lines):
-                warn(f"{path}:{number}: skipping a cut-off last line")
-                continue
-            raise PicochatError(f"{path}:{number}: not a JSON object") from None
-        if not isinstance(event, dict):
-            raise PicochatError(f"{path}:{number}: expected a JSON object, got {type(event).__name__}")
-        events.append(event)
-    return events
+    return [event for _, event in read_jsonl(path, objects=True, cut_off_ok=True)]
 
 
 def _number(value: Any) -> float | None:

@@ -29,10 +29,9 @@ Step numbering. "Step s" means "after s optimizer steps". The loop, for s = star
     steps, at the end, and when stopping); at s = num_iterations stop; else train step s+1 with the schedules
     evaluated at s (0-based, as the reference does).
 
-Checkpoints (picochat.checkpoint; rank 0 writes): fp32 master weights, and as training state the FULL optimizer
-state (MuonAdamW.state_dict is collective: every rank calls it), the merged loader state of all ranks, the RNG
-states, the loop counters, and the settings a resume must agree with. Resuming restores all of it, so the run
-continues exactly: same rows, same optimizer moments, same schedules.
+Checkpoints, metrics.jsonl, the clean stop on a signal and the resume checks are picochat/stage_loop.py's (shared
+with RL); the Trainer adds the merged loader state of all ranks and its loop counters, so a resume continues
+exactly: same rows, same optimizer moments, same schedules.
 
 Performance. One host sync per step (the loss .item()); the next step's batches are fetched right after the
 last backward, before the optimizer step (on a GPU the kernels are still running); gc is frozen and disabled
@@ -44,13 +43,10 @@ growing after the first step, or something recompiles as training goes.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import json
 import math
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -60,10 +56,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from picochat.checkpoint import Checkpoint, save_checkpoint
-from picochat.common import PicochatError, atomic_write_text, compile_backend, log, progress, warn
+from picochat.checkpoint import Checkpoint
+from picochat.common import PicochatError, compile_backend, log, progress, read_jsonl, warn
 from picochat.evaluation.bpb import evaluate_bpb
 from picochat.hardware import Distributed, is_distributed, peak_flops, peak_memory_bytes
+from picochat.stage_loop import StageLoop
 
 GC_EVERY = 5000  # steps between manual garbage collections once gc is frozen
 UNTIMED_STEPS = 10  # the first steps (compilation, warm-up) do not count towards the training time
@@ -179,12 +176,13 @@ class StepBatch:
     exhausted: bool  # a loader ran out (SFT with loop=False): the run ends here. Agreed over ranks by the caller.
 
 
-class Trainer:
+class Trainer(StageLoop):
     """model: the GPT (fp32 masters); optimizer: its MuonAdamW. make_train_loader / make_val_loader are called with
     keyword arguments batch_size, seq_len, rank, world_size (+ num_streams, state for training) and return
     iterators of (inputs, targets, state) -- e.g. functools.partial(packing.pretraining_batches, files, tokenizer,
     device=...). sample(model) -> [(prompt, completion)] runs on rank 0. resume_settings: values a resume must
-    match (saved in every checkpoint, compared on resume). resume_hint: the command that continues the run."""
+    match (saved in every checkpoint, compared on resume). resume_hint: the command that continues the run.
+    Metrics, signals, checkpoints and their checks are picochat.stage_loop's, shared with RL."""
 
     def __init__(
         self,
@@ -202,16 +200,14 @@ class Trainer:
         resume_hint: str = "",
         wandb_config: dict[str, Any] | None = None,
     ):
-        self.model, self.optimizer, self.settings = model, optimizer, settings
-        self.stage_dir = Path(stage_dir)
-        self.ranks = ranks
+        super().__init__(model, optimizer, stage_dir=stage_dir, ranks=ranks, resume_hint=resume_hint,
+                         resume_settings={**(resume_settings or {}), "total_batch_size": settings.total_batch_size,
+                                          "seq_len": settings.seq_len},
+                         wandb_run=settings.wandb_run, wandb_project=settings.wandb_project, wandb_config=wandb_config)
+        self.settings = settings
         self.make_train_loader, self.make_val_loader = make_train_loader, make_val_loader
         self.token_bytes = token_bytes.to(ranks.device) if token_bytes is not None else None
         self.sample = sample
-        self.resume_settings = dict(resume_settings or {})
-        self.resume_settings.update(total_batch_size=settings.total_batch_size, seq_len=settings.seq_len)
-        self.resume_hint = resume_hint
-        self.wandb_config = wandb_config or {}
         self.accumulation = gradient_accumulation_steps(
             settings.total_batch_size, settings.device_batch_size, settings.seq_len, ranks.world_size
         )
@@ -225,47 +221,25 @@ class Trainer:
             group.setdefault("initial_lr", group["lr"])
             group.setdefault("initial_weight_decay", group["weight_decay"])
         # Loop state (saved in checkpoints).
-        self.step = 0
         self.loader_state = None  # merged state of all loaders (from a checkpoint): where the loaders start
         self.loader_states: list[Any] = []  # this rank's loaders' states after the last step trained
         self.smooth_loss = 0.0  # EMA(0.9) of the loss, debiased when reported
         self.training_seconds = 0.0  # wall time of steps after the first UNTIMED_STEPS, without evals/saves
         self.min_val_bpb = float("inf")
         self.last_eval_step = self.last_sample_step = -1
-        self._stop_signal: int | None = None
         self._data_exhausted = False  # the training data ran out: the stage is over even before num_iterations
         self._started = time.perf_counter()
-        self._metrics_file = None
-        self._wandb = None
 
     # ---- resume ----------------------------------------------------------------------------------------
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Load a checkpoint into the model, optimizer and loop (call before run()); checks compatibility."""
-        state = checkpoint.training_state
+        state = self._restore_state(checkpoint)
         saved = state.get("settings", {})
-        for key, value in self.resume_settings.items():
-            if key in saved and saved[key] != value:
-                raise PicochatError(
-                    f"{checkpoint.path}: cannot resume, it was trained with {key}={saved[key]!r} and this run has "
-                    f"{key}={value!r} (resume with the same value, or start a new run)"
-                )
         if saved.get("num_iterations") not in (None, self.settings.num_iterations):
             warn(f"resuming a run planned for {saved['num_iterations']} steps with {self.settings.num_iterations}: "
                  "the learning-rate schedule changes from here on")  # fmt: skip
-        try:
-            self.model.load_state_dict(checkpoint.model_state, strict=True)
-        except RuntimeError as error:
-            first = str(error).strip().splitlines()[0]
-            raise PicochatError(f"{checkpoint.path}: the weights do not fit this model ({first})") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        rng = state.get("rng", {})
-        if "torch_cpu" in rng:
-            torch.set_rng_state(rng["torch_cpu"])
-        if "torch_cuda" in rng and self.ranks.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["torch_cuda"], self.ranks.device)
         loop = state["loop"]
-        self.step = checkpoint.step
         self.loader_state = state.get("loader")
         self.smooth_loss = loop["smooth_loss"]
         self.training_seconds = loop["training_seconds"]
@@ -321,16 +295,11 @@ class Trainer:
             restore_signals()
             gc.enable()
             gc.unfreeze()
-            if self._metrics_file is not None:
-                self._metrics_file.close()
-            if self._wandb is not None:
-                self._wandb.finish()
-        saved = "a checkpoint is saved" if self.step > first_step else "nothing new to save"
+            self._close_metrics()
         if self._stop_signal is not None:
-            name = signal.Signals(self._stop_signal).name
-            log(f"stopped by {name} at step {self.step:,} of {settings.num_iterations:,}; {saved}. "
-                f"Continue with: {self.resume_hint or '--resume'}")  # fmt: skip
+            self._stopped_message(self.step > first_step, settings.num_iterations)
         elif self.step < settings.num_iterations:
+            saved = "a checkpoint is saved" if self.step > first_step else "nothing new to save"
             log(f"the training data ran out at step {self.step:,}; {saved}")
         return self.step
 
@@ -357,13 +326,6 @@ class Trainer:
         if is_distributed():
             dist.all_reduce(count)
         return StepBatch(micro_batches, count, states, exhausted)
-
-    def _any_rank(self, flag: bool) -> bool:
-        if not is_distributed():
-            return flag
-        votes = torch.tensor(float(flag), device=self.ranks.device)
-        dist.all_reduce(votes)
-        return votes.item() > 0
 
     def _train_step(self, batch: StepBatch, loaders: list[Iterator]) -> tuple[StepBatch | None, dict[str, Any]]:
         settings, step = self.settings, self.step
@@ -493,64 +455,26 @@ class Trainer:
         from picochat.packing import merge_loader_states
 
         states = [state for rank_states in gathered for state in rank_states]
-        loader_state = merge_loader_states(states) if states else self.loader_state
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if self.ranks.device.type == "cuda":
-            rng["torch_cuda"] = torch.cuda.get_rng_state(self.ranks.device)
-        training_state = {
-            "optimizer": optimizer_state,
-            "loader": loader_state,
-            "rng": rng,
-            "loop": {
-                "smooth_loss": self.smooth_loss,
-                "training_seconds": self.training_seconds,
-                "min_val_bpb": None if math.isinf(self.min_val_bpb) else self.min_val_bpb,
-                "last_eval_step": self.last_eval_step,
-                "last_sample_step": self.last_sample_step,
-                # Whether this checkpoint ends the stage (`picochat run` skips a finished stage).
-                "finished": self.step >= self.settings.num_iterations or self._data_exhausted,
-            },
-            "settings": {**self.resume_settings, "num_iterations": self.settings.num_iterations,
-                         "world_size": self.ranks.world_size, "device_batch_size": self.settings.device_batch_size},
-        }  # fmt: skip
-        folder = save_checkpoint(self.stage_dir, self.step, self.model.state_dict(), training_state,
-                                 keep=self.settings.keep_checkpoints)  # fmt: skip
-        self._write_metrics({"event": "checkpoint", "step": self.step, "path": str(folder)})
+        loop = {
+            "smooth_loss": self.smooth_loss,
+            "training_seconds": self.training_seconds,
+            "min_val_bpb": None if math.isinf(self.min_val_bpb) else self.min_val_bpb,
+            "last_eval_step": self.last_eval_step,
+            "last_sample_step": self.last_sample_step,
+            # Whether this checkpoint ends the stage (`picochat run` skips a finished stage).
+            "finished": self.step >= self.settings.num_iterations or self._data_exhausted,
+        }
+        settings = {"num_iterations": self.settings.num_iterations, "world_size": self.ranks.world_size,
+                    "device_batch_size": self.settings.device_batch_size}
+        loader = merge_loader_states(states) if states else self.loader_state
+        self._write_checkpoint(optimizer_state, self.settings.keep_checkpoints, settings=settings, loader=loader,
+                               loop=loop)
 
-    # ---- metrics, progress, signals --------------------------------------------------------------------
-
-    def _open_metrics(self) -> None:
-        """metrics.jsonl (rank 0): on resume, events after the resumed step (from the interrupted run) are dropped
-        so that the file describes one run; then events are appended, one JSON object per line."""
-        if not self.ranks.is_main:
-            return
-        path = self.stage_dir / "metrics.jsonl"
-        kept = []
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError):
-                    if self.step > 0 and json.loads(line).get("step", 0) <= self.step:
-                        kept.append(line)
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-        self._metrics_file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in run's finally)
-        if self.settings.wandb_run:  # optional, imported only when asked for
-            try:
-                import wandb
-            except ImportError:
-                raise PicochatError("--wandb-run needs the wandb package (pip install wandb)") from None
-            self._wandb = wandb.init(project=self.settings.wandb_project, name=self.settings.wandb_run,
-                                     config=self.wandb_config)  # fmt: skip
+    # ---- metrics and progress -------------------------------------------------------------------------
 
     def _write_metrics(self, event: dict[str, Any]) -> None:
-        if self._metrics_file is None:
-            return
         event["elapsed_seconds"] = round(time.perf_counter() - self._started, 3)  # since this process started
-        self._metrics_file.write(json.dumps(event) + "\n")
-        self._metrics_file.flush()
-        if self._wandb is not None and event["event"] in ("train", "eval"):
-            if event["event"] == "eval" or event["step"] % 10 == 0:
-                numbers = {k: v for k, v in event.items() if isinstance(v, (int, float)) and k != "step"}
-                self._wandb.log({f"{event['event']}/{k}": v for k, v in numbers.items()}, step=event["step"])
+        super()._write_metrics(event)
 
     def _postfix(self, metrics: dict[str, Any]) -> str:
         remaining = self.settings.num_iterations - self.step
@@ -558,29 +482,6 @@ class Trainer:
         mfu = "" if metrics["mfu"] is None else f" mfu {100 * metrics['mfu']:.1f}%"
         return (f"loss {metrics['smooth_loss']:.4f} tok/s {metrics['tokens_per_second']:,.0f}{mfu} "
                 f"eta {eta / 60:.1f}m")  # fmt: skip
-
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        """SIGINT / SIGTERM: finish the current step, save, exit cleanly. A second Ctrl-C aborts at once (a
-        SIGTERM after the first signal is ignored: torchrun sends one to its workers after a Ctrl-C)."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def handler(signum, frame):
-            if self._stop_signal is not None:
-                if signum == signal.SIGINT:
-                    raise KeyboardInterrupt
-                return
-            self._stop_signal = signum
-            log(f"{signal.Signals(signum).name}: finishing step {self.step + 1:,}, then saving a checkpoint "
-                "(Ctrl-C again to abort without saving)")  # fmt: skip
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-        def restore() -> None:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-        return restore
 
 
 def compiled_graph_count() -> int | None:
@@ -596,5 +497,4 @@ def compiled_graph_count() -> int | None:
 
 def read_metrics(stage_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The events of a stage's metrics.jsonl, in order (for reports, scripts and tests)."""
-    path = Path(stage_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [event for _, event in read_jsonl(Path(stage_dir) / "metrics.jsonl")]

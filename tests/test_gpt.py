@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import enliven
 
-from picochat import common
+from picochat import hardware
 from picochat.common import PicochatError
 from picochat.gpt import GPT, GPTConfig, has_value_embedding, short_window, window_sizes
 
@@ -279,16 +279,16 @@ def test_a_few_steps_learn_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0]
 
 
-# ---- device and precision helpers (common.py) ------------------------------------------------------------
+# ---- device and precision helpers (hardware.py) ------------------------------------------------------------
 
 
 def test_device_and_dtype_helpers(monkeypatch):
     monkeypatch.delenv("PICOCHAT_DTYPE", raising=False)
-    assert common.autodetect_device() in ("cuda", "mps", "cpu")
-    assert common.compute_dtype("cpu") == torch.float32
+    assert hardware.autodetect_device() in ("cuda", "mps", "cpu")
+    assert hardware.compute_dtype("cpu") == torch.float32
     for name in ("bfloat16", "float16", "float32"):
         monkeypatch.setenv("PICOCHAT_DTYPE", name)
-        assert common.compute_dtype("cpu") == getattr(torch, name)
+        assert hardware.compute_dtype("cpu") == getattr(torch, name)
     monkeypatch.setenv("PICOCHAT_DTYPE", "fp8")
     with pytest.raises(PicochatError, match="PICOCHAT_DTYPE"):
-        common.compute_dtype("cpu")
+        hardware.compute_dtype("cpu")

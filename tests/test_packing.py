@@ -239,21 +239,19 @@ def collect_rows_per_stream(loader_per_rank: list[Iterator], world_size: int, ba
                             steps: int) -> dict[int, list[list[int]]]:
     """Run each rank's loader for `steps` optimizer steps; return every stream's rows (inputs + last target)."""
     rows: dict[int, list[list[int]]] = {s: [] for s in range(num_streams)}
-    micro_batches = num_streams // (batch_size * world_size)
     for _ in range(steps):
         for rank, loader in enumerate(loader_per_rank):
-            owned = owned_streams(rank, world_size, num_streams)
-            for m in range(micro_batches):
-                inputs, targets, _ = next(loader)
-                for stream, x, y in zip(owned[m * batch_size : (m + 1) * batch_size], inputs, targets):
-                    rows[stream].append(x.tolist() + [int(y[-1])])
+            inputs, targets, _ = next(loader)
+            for stream, x, y in zip(owned_streams(rank, world_size, num_streams), inputs, targets, strict=True):
+                rows[stream].append(x.tolist() + [int(y[-1])])
     return rows
 
 
-def test_pretraining_rows_of_a_step_do_not_depend_on_ranks_or_accumulation(tokenizer, wiki_shard):
+def test_pretraining_rows_of_a_step_do_not_depend_on_ranks(tokenizer, wiki_shard):
+    # (The trainer accumulates with one loader per micro-step as a virtual rank: this covers accumulation too.)
     num_streams, seq_len, steps = 8, 32, 6
     results = []
-    for world_size, batch_size in [(1, 4), (2, 4), (2, 2)]:  # accumulation 2, 1, 2
+    for world_size, batch_size in [(1, 8), (2, 4), (4, 2)]:
         loaders = [
             # Small tokenizer batches: many reads, so the streams' queues fill and drain unevenly.
             pretraining_batches(wiki_shard, tokenizer, batch_size, seq_len, rank=rank, world_size=world_size,
@@ -292,8 +290,7 @@ def as_checkpoint(state: dict) -> dict:
 
 def test_pretraining_resume_continues_exactly(tokenizer, wiki_shard):
     def loader(state=None):
-        # Accumulation 2, so the resume point (after micro-batch 3) is in the middle of an optimizer step.
-        return pretraining_batches(wiki_shard, tokenizer, 2, 48, num_streams=4, buffer_size=16, state=state,
+        return pretraining_batches(wiki_shard, tokenizer, 4, 48, buffer_size=16, state=state,
                                    tokenizer_batch_size=8)
 
     uninterrupted = take(loader(), 14)
@@ -311,12 +308,12 @@ def test_pretraining_resume_on_a_different_number_of_ranks(tokenizer, wiki_shard
         return pretraining_batches(wiki_shard, tokenizer, batch_size, seq_len, rank=rank, world_size=world_size,
                                    num_streams=num_streams, state=state, buffer_size=8, tokenizer_batch_size=8)
 
-    # Two ranks run 3 steps; their states are merged; one rank with accumulation 2 takes over.
+    # Two ranks run 3 steps; their states are merged; one rank takes over.
     two_ranks = [loader(rank, 2, 2) for rank in range(2)]
     states = [take(two_ranks[rank], 3)[-1][2] for rank in range(2)]
-    one_rank = loader(0, 1, 2, state=merge_loader_states([as_checkpoint(s) for s in states]))
-    continued = collect_rows_per_stream([one_rank], 1, 2, num_streams, steps=20)
-    reference = collect_rows_per_stream([loader(0, 1, 2)], 1, 2, num_streams, steps=23)
+    one_rank = loader(0, 1, 4, state=merge_loader_states([as_checkpoint(s) for s in states]))
+    continued = collect_rows_per_stream([one_rank], 1, 4, num_streams, steps=20)
+    reference = collect_rows_per_stream([loader(0, 1, 4)], 1, 4, num_streams, steps=23)
     assert continued == {s: rows[3:] for s, rows in reference.items()}
 
 
@@ -417,24 +414,24 @@ def test_sft_fails_clearly_when_no_conversation_can_be_supervised():
 
 
 def test_sft_with_a_real_tokenizer_resumes_exactly_and_ignores_ranks(tokenizer, identity_conversations):
-    def loader(rank=0, world_size=1, batch_size=2, state=None):
+    def loader(rank=0, world_size=1, batch_size=4, state=None):
         return sft_batches(identity_conversations, tokenizer, batch_size, 128, rank=rank, world_size=world_size,
-                           num_streams=4, state=state)
+                           state=state)
 
     uninterrupted = take(loader(), 12)
     for inputs, targets, _ in uninterrupted:
-        assert inputs.dtype == targets.dtype == torch.int64 and inputs.shape == (2, 128)
+        assert inputs.dtype == targets.dtype == torch.int64 and inputs.shape == (4, 128)
         assert (inputs[:, 0] == tokenizer.bos_token_id).all() and (targets != -1).any(dim=1).all()
-    # Resume in the middle of a step (after micro-batch 5 of accumulation 2), through a checkpoint round trip.
+    # Resume after batch 5, through a checkpoint round trip.
     resumed = take(loader(state=as_checkpoint(uninterrupted[4][2])), 7)
     for (x1, y1, s1), (x2, y2, s2) in zip(uninterrupted[5:], resumed):
         assert torch.equal(x1, x2) and torch.equal(y1, y2) and s1["stats"] == s2["stats"]
-    # Same rows per step with 2 ranks and no accumulation, and when resuming on them from merged states.
-    one_rank = collect_rows_per_stream([loader()], 1, 2, 4, steps=6)
+    # Same rows per step with 2 ranks, and when resuming on one from merged states.
+    one_rank = collect_rows_per_stream([loader()], 1, 4, 4, steps=6)
     two_ranks = collect_rows_per_stream([loader(r, 2, 2) for r in range(2)], 2, 2, 4, steps=6)
     assert one_rank == two_ranks
     states = [take(loader(r, 2, 2), 3)[-1][2] for r in range(2)]
-    resumed_on_one = collect_rows_per_stream([loader(state=merge_loader_states(states))], 1, 2, 4, steps=3)
+    resumed_on_one = collect_rows_per_stream([loader(state=merge_loader_states(states))], 1, 4, 4, steps=3)
     assert resumed_on_one == {s: rows[3:] for s, rows in one_rank.items()}
     stats = uninterrupted[-1][2]["stats"]
     assert stats["supervised_targets"] > 0 and 0 < stats["utilisation"] <= 1
@@ -450,8 +447,7 @@ def test_sft_with_a_real_tokenizer_resumes_exactly_and_ignores_ranks(tokenizer, 
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"seq_len": -1}, "seq_len must be a positive integer"),
         ({"rank": 2, "world_size": 2}, r"rank must be an integer in 0..1"),
-        ({"num_streams": 6}, "num_streams=6 .* multiple of batch_size x world_size = 4 x 1 = 4.*try 4 or 8"),
-        ({"num_streams": 8, "world_size": 3}, r"= 12, .*; try 12$"),
+        ({"num_streams": 6}, "num_streams=6 .* must be batch_size x world_size = 4 x 1 = 4"),
         ({"buffer_size": 0}, "buffer_size must be a positive integer"),
     ],
 )
@@ -479,7 +475,7 @@ def test_bad_inputs_and_mismatched_states_are_clear_errors(tokenizer, wiki_shard
         pretraining_batches(wiki_shard, tokenizer, 2, 32, state=state)
     rank_state = next(pretraining_batches(wiki_shard, tokenizer, 2, 16, rank=1, world_size=2, num_streams=4))[2]
     with pytest.raises(PicochatError, match="no entry for stream 0.*merge_loader_states"):
-        pretraining_batches(wiki_shard, tokenizer, 2, 16, num_streams=4, state=rank_state)
+        pretraining_batches(wiki_shard, tokenizer, 4, 16, state=rank_state)
     with pytest.raises(PicochatError, match="device 'gpu7'"):
         pretraining_batches(wiki_shard, tokenizer, 2, 16, device="gpu7")
     with pytest.raises(PicochatError, match="expected the state dict"):

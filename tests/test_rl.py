@@ -186,3 +186,33 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error(tokenizer, data_dir):
     with pytest.raises(PicochatError, match="GSM8K question 0: its prompt of .* fills the model's context of 16"):
         sample_rollout(engine, GSM8K("train", data_dir=data_dir), 0, num_samples=1, max_new_tokens=4,
                        temperature=1.0, top_k=None, device_batch_size=1, seed_parts=(0,))  # fmt: skip
+
+
+def test_rl_stopped_by_sigint_saves_and_resumes_exactly(rl_run, tmp_path, data_dir, monkeypatch, capsys):
+    import os
+    import signal
+
+    run = tmp_path / "run"
+    shutil.copytree(rl_run, run, ignore=shutil.ignore_patterns("rl"))
+    calls = []
+
+    def reward_then_ctrl_c(self, conversation, response):
+        calls.append(1)
+        if len(calls) == 12:  # the eval at step 0 takes 4 rewards, each step 6: this is inside step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return parity_reward(self, conversation, response)
+
+    monkeypatch.setattr(GSM8K, "reward", reward_then_ctrl_c)
+    args = ["rl", "--run-dir", str(run), "--data-dir", str(data_dir), *RL_ARGS, "--save-every", "0"]
+    assert main(args) == 0  # the step in flight finishes, a checkpoint is saved, the stage exits cleanly
+    assert "stopped by SIGINT at step 2 of 3; a checkpoint is saved" in capsys.readouterr().err
+    assert load_checkpoint(run / "rl").step == 2
+
+    monkeypatch.setattr(GSM8K, "reward", parity_reward)
+    assert main(["rl", "--run-dir", str(run), "--data-dir", str(data_dir), "--resume"]) == 0  # flags from config
+    straight = load_file(str(rl_run / "rl" / "model.safetensors"))
+    resumed = load_file(str(run / "rl" / "model.safetensors"))
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    events = lambda path: [{k: v for k, v in e.items() if k != "step_seconds"}  # noqa: E731
+                           for e in read_metrics(path / "rl") if e["event"] != "checkpoint"]
+    assert events(run) == events(rl_run)

@@ -198,6 +198,14 @@ def test_sft_resumes_exactly(sft_run, tmp_path, data_dir):
     assert losses(copy) == losses(sft_run)
 
 
+def test_sft_resume_refuses_another_seed_and_keeps_the_run_s(sft_run, data_dir, capsys):
+    # The saved loader state points into the mixture this seed shuffled: an explicit --seed 0 is the run's own
+    # value (allowed), --seed 1 would reshuffle it (refused, before any work).
+    resume = ["sft", "--run-dir", str(sft_run), "--data-dir", str(data_dir), "--resume", "2", *SFT_ARGS]
+    assert main([*resume, "--seed", "1"]) == 2
+    assert "--seed was 0 for this run, not 1" in capsys.readouterr().err
+
+
 def test_sft_refuses_to_overwrite_and_reports_bad_mix(sft_run, tmp_path, tokenizer, data_dir, capsys):
     assert main(["sft", "--run-dir", str(sft_run), "--data-dir", str(data_dir), *SFT_ARGS]) == 2
     assert "already holds a run" in capsys.readouterr().err

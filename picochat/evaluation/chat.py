@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from picochat.common import PicochatError, progress
+from picochat.hardware import is_distributed
 
 CHATCORE_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
 ALL_TASKS = (*CHATCORE_TASKS, "spelling")
@@ -87,15 +88,11 @@ def parse_task_names(text: str | None) -> list[str]:
     return [name for name in ALL_TASKS if name in names]
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _sum_over_ranks(values: list[int], device: torch.device, world_size: int) -> list[int]:
     """Counts summed over the ranks that split the work (none when world_size is 1: e.g. rank 0 alone evaluating
     during training, while the other ranks wait)."""
     tensor = torch.tensor(values, dtype=torch.int64, device=device)
-    if world_size > 1 and _distributed():
+    if world_size > 1 and is_distributed():
         dist.all_reduce(tensor)
     return [int(v) for v in tensor.tolist()]
 

@@ -5,7 +5,6 @@ describes. Everything here is plain text and JSON; the model and torch only come
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import shutil
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from picochat.common import PicochatError, log, picochat_home, resolve_data_dir
+from picochat.common import PicochatError, log, picochat_home, read_jsonl, resolve_data_dir
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -113,20 +112,9 @@ def load_task_items(path: str | os.PathLike, task_type: str) -> list[dict]:
     is an error naming file:line."""
     path = Path(path)
     items = []
-    try:
-        file = open(path, encoding="utf-8")
-    except OSError as error:
-        raise PicochatError(f"{path}: cannot read ({error.strerror or error})") from None
-    with file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue  # a blank line is not an item (and is not counted: item order stays the file's order)
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PicochatError(f"{path}:{number}: not a JSON object ({error.msg})") from None
-            _check_item(item, task_type, f"{path}:{number}")
-            items.append(item)
+    for number, item in read_jsonl(path, objects=True):  # a blank line is not an item (and is not counted)
+        _check_item(item, task_type, f"{path}:{number}")
+        items.append(item)
     if not items:
         raise PicochatError(f"{path}: no items")
     return items

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from picochat.common import PicochatError, add_model_arguments, add_tool_argument, log, resolve_run_dir
+from picochat.common import PicochatError, add_model_arguments, add_tool_argument, log
 
 # Model text is shown as text: control characters other than newline and tab (ESC sequences could move the cursor,
 # recolour or retitle the terminal) are shown as U+FFFD. The history keeps the text as it was generated.
@@ -41,22 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_tool_argument(parser)
 
 
-def load_engine(args: argparse.Namespace):
-    """The model --run/--run-dir/--stage/--step name, on --device, in an Engine that runs --tool.
-    Returns (engine, run_dir, stage_dir); `picochat serve` loads its model the same way."""
-    import picochat
-    from picochat.engine import Engine
-    from picochat.tools import tool_named
-
-    _check_device(args.device)
-    run_dir = resolve_run_dir(args.run, args.run_dir)
-    if not run_dir.is_dir():
-        raise PicochatError(f"{run_dir}: no such run folder (train one with `picochat pretrain`)")
-    _, stage_dir = picochat.locate_stage(run_dir, args.stage)
-    model, tokenizer = picochat.load(stage_dir, step=args.step, device=args.device)
-    return Engine(model, tokenizer, tool=tool_named(args.tool)), run_dir, stage_dir
-
-
 def run(args: argparse.Namespace) -> int:
     from picochat.engine import check_sampling
 
@@ -64,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, top_k, args.top_p)
     if args.max_tokens is not None and args.max_tokens < 1:
         raise PicochatError(f"--max-tokens {args.max_tokens}: expected a positive integer")
-    engine, _, stage_dir = load_engine(args)
+    from picochat import load_engine
+
+    engine, _, stage_dir = load_engine(args.run, args.run_dir, stage=args.stage, step=args.step, device=args.device,
+                                       tool=args.tool)
     layers = engine.model.config.n_layer
     log(f"chat: {stage_dir} ({layers} layers, context {engine.context_len} tokens) on {engine.device}")
     max_tokens = engine.reply_budget(args.max_tokens)
@@ -73,23 +60,6 @@ def run(args: argparse.Namespace) -> int:
         chat.reply(args.prompt)
         return 0
     return chat.interactive()
-
-
-def _check_device(name: str | None) -> None:
-    import torch
-
-    if name is None:
-        return
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise PicochatError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PicochatError(f"--device {name}: this machine has no usable CUDA device")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise PicochatError(f"--device {name}: MPS is not available here")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise PicochatError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps")
 
 
 class Chat:

@@ -24,20 +24,20 @@ import re
 import time
 from pathlib import Path
 
+from picochat import load_for_evaluation
 from picochat.common import (
     PicochatError,
     add_model_arguments,
     atomic_write_json,
     atomic_write_text,
-    distributed_info,
-    is_main_process,
     log,
     non_negative_int,
     positive_int,
     print_table,
     resolve_data_dir,
-    resolve_run_dir,
 )
+from picochat.evaluation import result_name
+from picochat.hardware import is_main_process
 
 DEFAULT_BPB_TOKENS = 2**18  # per split; a CPU evaluates ~1-5K tokens/s at depth 4 (full-vocabulary logits)
 
@@ -97,68 +97,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
 
 
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from picochat.hardware import distributed_session
 
-    rank, local_rank, world_size = distributed_info()
-    device = _device(args.device, local_rank)
-    distributed = world_size > 1
-    if distributed and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        if args.action == "core":
-            return evaluate_core(args, device, rank, world_size)
-        if args.action == "chat":
-            return evaluate_chat(args, device, rank, world_size)
-        return evaluate_bpb(args, device, rank, world_size)
-    finally:
-        if distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def _device(name: str | None, local_rank: int):
-    import torch
-
-    from picochat.common import autodetect_device
-
-    name = name or autodetect_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise PicochatError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PicochatError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)  # one GPU per rank under torchrun
-        torch.cuda.set_device(device)
-    return device
-
-
-def _load(args: argparse.Namespace, device):
-    """(run_dir, stage name, step, model, tokenizer)."""
-    from picochat.checkpoint import find_stage_dir, latest_step, load_model
-    from picochat.tokenizer import Tokenizer
-
-    run_dir = resolve_run_dir(args.run, args.run_dir)
-    if not run_dir.is_dir():
-        raise PicochatError(f"run folder {run_dir} does not exist (give --run NAME or --run-dir PATH)")
-    stage_dir = find_stage_dir(run_dir, args.stage)
-    step = args.step if args.step is not None else latest_step(stage_dir)
-    model = load_model(stage_dir, device=device, step=args.step)
-    tokenizer = Tokenizer.load(run_dir / "tokenizer")
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise PicochatError(f"{run_dir / 'tokenizer'}: vocabulary of {tokenizer.vocab_size} tokens, but the model in "
-                            f"{stage_dir} has {model.config.vocab_size}")
-    log(f"evaluating {stage_dir} at step {step if step is not None else '(latest weights)'} on {device}")
-    return run_dir, stage_dir.name, step, model, tokenizer
-
-
-def result_name(kind: str, stage: str, step: int | None) -> str:
-    """eval/<this>.json: e.g. core_base_step000400 (`picochat run` looks for these to skip a finished evaluation)."""
-    return f"{kind}_{stage}_" + (f"step{step:06d}" if step is not None else "latest")
+    with distributed_session(args.device) as ranks:
+        evaluate = {"core": evaluate_core, "chat": evaluate_chat, "bpb": evaluate_bpb}[args.action]
+        return evaluate(args, ranks.device, ranks.rank, ranks.world_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,7 +118,7 @@ def evaluate_core(args: argparse.Namespace, device, rank: int, world_size: int) 
 
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
     url = args.bundle_url or EVAL_BUNDLE_URL
-    run_dir, stage, step, model, tokenizer = _load(args, device)
+    run_dir, stage, step, model, tokenizer = load_for_evaluation(args.run, args.run_dir, args.stage, args.step, device)
     # Rank 0 fetches the bundle if it must; the other ranks wait for it, then find it in place.
     if rank == 0:
         core_dir = resolve_core_dir(args.core_dir, args.data_dir, url=url)
@@ -232,7 +176,7 @@ def evaluate_bpb(args: argparse.Namespace, device, rank: int, world_size: int) -
     from picochat.evaluation.bpb import evaluate_bpb as run_bpb
     from picochat.packing import pretraining_batches
 
-    run_dir, stage, step, model, tokenizer = _load(args, device)
+    run_dir, stage, step, model, tokenizer = load_for_evaluation(args.run, args.run_dir, args.stage, args.step, device)
     stage_config = read_stage_config(run_dir / stage)
     sources = bpb_sources(args.paths, args.data_dir, stage_config)
     flags = stage_config.get("flags") if isinstance(stage_config.get("flags"), dict) else {}
@@ -302,7 +246,7 @@ def evaluate_chat(args: argparse.Namespace, device, rank: int, world_size: int) 
     if args.temperature < 0:
         raise PicochatError(f"--temperature {args.temperature}: expected a value >= 0")
     names = parse_task_names(args.tasks)
-    run_dir, stage, step, model, tokenizer = _load(args, device)
+    run_dir, stage, step, model, tokenizer = load_for_evaluation(args.run, args.run_dir, args.stage, args.step, device)
     result = run_chat_eval(model, tokenizer, names, data_dir=args.data_dir, max_problems=args.max_problems,
                            num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k or None, batch_size=args.batch_size,

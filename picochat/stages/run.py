@@ -29,7 +29,8 @@ from picochat.common import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from picochat.presets import PRESETS, nonempty_text, setting_fields
+    from picochat.common import nonempty_text
+    from picochat.presets import PRESETS, setting_fields
 
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the recipe to start from (cpu)")
     add_run_arguments(parser, default_name="the preset's name")
@@ -43,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction, default=None,
                                help=item.metadata["help"])  # fmt: skip
         else:
+            metavar = item.metadata.get("metavar", "TEXT" if item.metadata["parse"] is nonempty_text else "N")
             group.add_argument(flag, dest=item.name, type=item.metadata["parse"], default=argparse.SUPPRESS,
-                               metavar="TEXT" if item.metadata["parse"] is nonempty_text else "N",
-                               help=item.metadata["help"])  # fmt: skip
+                               metavar=metavar, help=item.metadata["help"])
 
 
 def resolve_preset(args: argparse.Namespace):

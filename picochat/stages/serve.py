@@ -59,14 +59,15 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     import uvicorn
 
+    from picochat import load_engine
     from picochat.engine import check_sampling
     from picochat.serve.app import create_app
     from picochat.serve.deadlines import header_deadline_protocol
     from picochat.serve.scheduler import Scheduler
-    from picochat.stages.chat import load_engine
 
     check_sampling(settings.temperature, settings.top_k, None)
-    engine, run_dir, stage_dir = load_engine(args)
+    engine, run_dir, stage_dir = load_engine(args.run, args.run_dir, stage=args.stage, step=args.step,
+                                             device=args.device, tool=args.tool)
     settings.model_id = f"picochat-{run_dir.name}-{stage_dir.name}"
     scheduler = Scheduler(engine, max_batch=args.max_batch, queue_size=args.queue_size)
     app = create_app(scheduler, settings)

@@ -27,84 +27,36 @@ import hashlib
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from picochat.common import (
     PicochatError,
-    add_run_arguments,
+    add_training_arguments,
     atomic_write_json,
-    fraction,
     log,
-    non_negative_int,
-    positive_float,
-    positive_int,
     print_table,
     resolve_run_dir,
-    resume_step,
     typable_command,
 )
+from picochat.settings import SFTSettings, add_flags, as_flags, inherited_names, resolve, train_settings
 
 # The midtraining mixture: every built-in source once: conversations, multiple choice, math with tool calls,
 # identity and spelling -- everything the chat format has (special tokens, tool calls, letters as answers).
 DEFAULT_MID_MIX = "alpaca:1,code_alpaca:1,gpteacher_roleplay:1,glaive_toolcall:1,identity:1,gsm8k:1,arc:1,spelling:1"
 CHAT_SAMPLE_PROMPTS = ["What is your name?", "Who made you?", "What is 12 times 7?", "Write a haiku about the sea."]
-# Flags with a default, applied after --resume has restored the run's own values (so a resume keeps them).
-FLAG_DEFAULTS = {"init_lr_frac": 0.8, "warmdown_ratio": 0.5, "final_lr_frac": 0.0, "eval_every": 200,
-                 "eval_tokens": 40 * 524_288, "save_every": 0}  # fmt: skip
-RESUMED = tuple(FLAG_DEFAULTS)
-# Settings inherited from the source run unless given (see inherited_settings).
-INHERITED = ("max_seq_len", "device_batch_size", "total_batch_size", "embedding_lr", "unembedding_lr", "matrix_lr",
-             "scalar_lr")  # fmt: skip
-
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
-    parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
+    add_training_arguments(parser)
     parser.add_argument("--stage", choices=("sft", "mid"), default="sft",
                         help="sft (default): <run>/mid or base -> <run>/sft; mid: midtraining, base -> <run>/mid")
-    parser.add_argument("--source", choices=("base", "mid"),
-                        help="stage to start from (default: mid if it exists, else base; base for --stage mid)")
-    parser.add_argument("--resume", nargs="?", const="latest", type=resume_step, metavar="STEP",
-                        help="continue from the latest checkpoint (or from STEP), exactly")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="mixture shuffle seed (0)")
-
-    data = parser.add_argument_group("data")
-    data.add_argument("--mix", help="source:epochs,... e.g. alpaca:1,gsm8k:4,identity:2,my.jsonl:3 "
-                                    "(default: tasks.DEFAULT_SFT_MIX; for --stage mid, a larger general mixture)")
-    data.add_argument("--identity-name", default="picochat", help="the model's name in the identity data")
-    data.add_argument("--identity-creator", help="who made the model, in the identity data")
-    data.add_argument("--identity-file", help="your own identity conversations (.jsonl) instead of the templates")
-    data.add_argument("--val-conversations", type=non_negative_int,
-                      help="conversations held out of the mixture for validation (default: 5%%, at most 500)")
-
-    shape = parser.add_argument_group("shapes and learning rates (default: inherited from the source run)")
-    shape.add_argument("--max-seq-len", type=positive_int, help="tokens per row")
-    shape.add_argument("--device-batch-size", type=positive_int, help="rows per forward pass per rank")
-    shape.add_argument("--total-batch-size", type=positive_int, help="tokens per step, all ranks")
-    shape.add_argument("--embedding-lr", type=positive_float, help="AdamW, embeddings")
-    shape.add_argument("--unembedding-lr", type=positive_float, help="AdamW, lm_head")
-    shape.add_argument("--matrix-lr", type=positive_float, help="Muon, block matrices")
-    shape.add_argument("--scalar-lr", type=positive_float, help="AdamW, per-layer scalars")
-    shape.add_argument("--init-lr-frac", type=positive_float, help="all LRs x this (0.8)")
-    shape.add_argument("--warmdown-ratio", type=fraction, help="fraction of the run in warmdown (0.5)")
-    shape.add_argument("--final-lr-frac", type=fraction, help="LR multiplier at the end (0.0)")
-    shape.add_argument("--num-iterations", type=positive_int, help="optimizer steps (default: one epoch)")
-
-    cadence = parser.add_argument_group("evaluation and checkpoints")
-    cadence.add_argument("--eval-every", type=non_negative_int, help="validation every N steps (200)")
-    cadence.add_argument("--eval-tokens", type=positive_int, help="validation tokens (20,971,520)")
-    cadence.add_argument("--sample-every", type=non_negative_int, default=0,
-                         help="greedy chat replies to a few prompts every N steps; 0: at the end only")
-    cadence.add_argument("--chat-eval-tasks", help="also run these chat evaluations (e.g. ARC-Easy,GSM8K; see "
-                         "`picochat eval chat`) whenever samples are taken; results in <stage>/chat_eval/")
-    cadence.add_argument("--chat-eval-max-problems", type=positive_int, default=24,
-                         help="problems per task for --chat-eval-tasks (24)")
-    cadence.add_argument("--save-every", type=non_negative_int, help="checkpoint every N steps (0: at the end)")
-    cadence.add_argument("--keep-checkpoints", type=positive_int, default=2, help="checkpoints kept on disk (2)")
+    add_flags(parser, SFTSettings, {
+        "data": parser.add_argument_group("data"),
+        "shape": parser.add_argument_group("shapes and learning rates (default: inherited from the source run)"),
+        "cadence": parser.add_argument_group("evaluation and checkpoints"),
+    })
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,14 +76,6 @@ def source_stage_dir(run_dir: Path, stage: str, source: str | None) -> Path:
     return folder
 
 
-def source_model_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The model shape from a stage's config.json: "model", or (older pretraining configs) derived.model_config."""
-    model = config.get("model") or (config.get("derived") or {}).get("model_config")
-    if not isinstance(model, dict):
-        raise PicochatError(f"{path}: no model shape (expected \"model\" with the GPT config)")
-    return model
-
-
 def inherited_settings(args: argparse.Namespace, source_config: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
     """Shapes and LRs: the flag if given, else the source run's value. Pretraining records its flags under "flags"
     and the LRs it really used (after its batch-size scaling) under "derived"; SFT/mid record "settings"."""
@@ -139,7 +83,7 @@ def inherited_settings(args: argparse.Namespace, source_config: dict[str, Any]) 
     derived = source_config.get("derived") or {}
     earlier = source_config.get("settings") or {}
     values, rows = {}, []
-    for name in INHERITED:
+    for name in inherited_names(SFTSettings):
         given = getattr(args, name, None)
         found = earlier.get(name, derived.get(name, flags.get(name)))
         if given is not None:
@@ -187,44 +131,36 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see stages/pretrain.py
     import torch
 
-    from picochat.checkpoint import load_checkpoint, load_weights, resume_point
+    from picochat.checkpoint import (
+        load_checkpoint,
+        load_weights,
+        model_shape,
+        provenance,
+        read_stage_config,
+        resume_point,
+    )
     from picochat.engine import Engine
     from picochat.evaluation.chat import parse_task_names, run_chat_eval
     from picochat.gpt import GPT, GPTConfig
     from picochat.hardware import distributed_session
     from picochat.packing import sft_batches
-    from picochat.stages.pretrain import _provenance, _read_json
     from picochat.tasks import DEFAULT_SFT_MIX, build_mixture
     from picochat.tokenizer import Tokenizer
-    from picochat.trainer import Trainer, TrainSettings
+    from picochat.trainer import Trainer
 
     run_dir = resolve_run_dir(args.run, args.run_dir)
     stage_dir = run_dir / args.stage
     resume_from = resume_point(stage_dir, args.resume, holds="a run")
-    if resume_from is not None:
-        saved = _read_json(stage_dir / "config.json")
-        for name in ("mix", "identity_name", "identity_creator", "identity_file", "val_conversations", "seed",
-                     "source"):  # fmt: skip
-            if getattr(args, name, None) in (None, 0, "picochat") and name in saved.get("flags", {}):
-                setattr(args, name, saved["flags"][name])
-        # Everything else that shapes the steps, unless given again: the schedule, the horizon, the shapes and
-        # LRs this run settled on (not the source's again: they may have been flags of the first invocation).
-        for name in RESUMED:
-            if getattr(args, name, None) is None and saved.get("flags", {}).get(name) is not None:
-                setattr(args, name, saved["flags"][name])
-        for name in INHERITED:
-            if getattr(args, name, None) is None and name in saved.get("settings", {}):
-                setattr(args, name, saved["settings"][name])
-        if args.num_iterations is None and saved.get("settings", {}).get("num_iterations"):
-            args.num_iterations = saved["settings"]["num_iterations"]
-
-    for name, value in FLAG_DEFAULTS.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
-    source_dir = source_stage_dir(run_dir, args.stage, args.source)
-    source_config = _read_json(source_dir / "config.json")
-    model_config = source_model_config(source_config, source_dir / "config.json")
-    settings_values, inherited_rows = inherited_settings(args, source_config)
+    saved = read_stage_config(stage_dir) if resume_from is not None else {}
+    # Command line > this run's config.json (on --resume) > declared default; shapes and LRs not settled yet come
+    # from the source run (inherited_settings). The schedule's length is the one the run settled on.
+    settings = resolve(SFTSettings, args, saved.get("flags") if resume_from is not None else None)
+    if settings.num_iterations is None and saved.get("settings", {}).get("num_iterations"):
+        settings = replace(settings, num_iterations=saved["settings"]["num_iterations"])
+    source_dir = source_stage_dir(run_dir, args.stage, settings.source)
+    source_config = read_stage_config(source_dir)
+    model_config = model_shape(source_config)
+    settings_values, inherited_rows = inherited_settings(settings, source_config)
     seq_len = settings_values["max_seq_len"]
     if seq_len > model_config["sequence_len"]:
         raise PicochatError(f"--max-seq-len {seq_len} is longer than the model's context "
@@ -235,10 +171,12 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.load(tokenizer_dir)
     tokenizer_sha256 = hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()
 
-    spec = args.mix or (DEFAULT_MID_MIX if args.stage == "mid" else DEFAULT_SFT_MIX)
-    mixture = build_mixture(spec, data_dir=args.data_dir, seed=args.seed, identity_name=args.identity_name,
-                            identity_creator=args.identity_creator, identity_file=args.identity_file)  # fmt: skip
-    train_set, val_set = split_mixture(mixture, args.val_conversations)
+    spec = settings.mix or (DEFAULT_MID_MIX if args.stage == "mid" else DEFAULT_SFT_MIX)
+    settings = replace(settings, source=source_dir.name, mix=spec, **settings_values)
+    flags = {"stage": args.stage, **as_flags(settings)}
+    mixture = build_mixture(spec, data_dir=args.data_dir, seed=settings.seed, identity_name=settings.identity_name,
+                            identity_creator=settings.identity_creator, identity_file=settings.identity_file)
+    train_set, val_set = split_mixture(mixture, settings.val_conversations)
     for line in print_table(mixture.summary()).splitlines():
         log(line)
     for line in print_table(inherited_rows).splitlines():
@@ -251,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
             raise PicochatError(f"--total-batch-size {settings_values['total_batch_size']} is not a multiple of "
                                 f"--max-seq-len {seq_len}")  # fmt: skip
         epoch_steps, packing = count_epoch_steps(train_set, tokenizer, rows_per_step=rows_per_step, seq_len=seq_len)
-        num_iterations = args.num_iterations or epoch_steps
+        num_iterations = settings.num_iterations or epoch_steps
         if num_iterations < 1:
             raise PicochatError("the mixture fills less than one step; add data or lower --total-batch-size")
         log(f"one epoch of {len(train_set):,} conversations = {epoch_steps:,} steps of {rows_per_step} rows "
@@ -260,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
 
         # Validation covers the held-out set once at most: eval_tokens is capped at its size in whole steps. The
         # loader loops, so that every evaluation has at least one step even when a stream of a tiny set is empty.
-        eval_tokens = args.eval_tokens
+        eval_tokens = settings.eval_tokens
         if val_set is not None:
             val_steps, _ = count_epoch_steps(val_set, tokenizer, rows_per_step=rows_per_step, seq_len=seq_len)
             eval_tokens = min(eval_tokens, max(val_steps, 1) * settings_values["total_batch_size"])
@@ -273,26 +211,12 @@ def run(args: argparse.Namespace) -> int:
             matrix_lr=settings_values["matrix_lr"], scalar_lr=settings_values["scalar_lr"], weight_decay=0.0,
         )  # fmt: skip
         for group in optimizer.param_groups:  # fine-tuning starts below the pretraining LRs (A.16)
-            group["lr"] = group["lr"] * args.init_lr_frac
+            group["lr"] = group["lr"] * settings.init_lr_frac
             group["initial_lr"] = group["lr"]
-        train_settings = TrainSettings(
-            total_batch_size=settings_values["total_batch_size"],
-            device_batch_size=settings_values["device_batch_size"],
-            seq_len=seq_len,
-            num_iterations=num_iterations,
-            warmup_steps=0,
-            warmdown_ratio=args.warmdown_ratio,
-            final_lr_frac=args.final_lr_frac,
-            momentum_start=0.85,
-            momentum_peak=0.95,
-            momentum_warmup_steps=300,
-            momentum_final=0.95,
-            cosine_weight_decay=False,
-            eval_every=args.eval_every,
-            eval_tokens=eval_tokens,
-            sample_every=args.sample_every or num_iterations,
-            save_every=args.save_every,
-            keep_checkpoints=args.keep_checkpoints,
+        trainer_settings = train_settings(
+            flags, total_batch_size=settings_values["total_batch_size"], seq_len=seq_len, num_iterations=num_iterations,
+            warmup_steps=0, momentum_start=0.85, momentum_peak=0.95, momentum_warmup_steps=300, momentum_final=0.95,
+            cosine_weight_decay=False, eval_tokens=eval_tokens, sample_every=settings.sample_every or num_iterations,
         )
 
         def train_loader(**layout):
@@ -301,14 +225,14 @@ def run(args: argparse.Namespace) -> int:
         def val_loader(**layout):
             return sft_batches(val_set, tokenizer, device=device, loop=True, **layout)
 
-        chat_tasks = parse_task_names(args.chat_eval_tasks) if args.chat_eval_tasks else []
+        chat_tasks = parse_task_names(settings.chat_eval_tasks) if settings.chat_eval_tasks else []
 
         def chat_samples(trained) -> list[tuple[str, str]]:
             """Greedy replies to a few prompts, and the optional chat evaluation (rank 0 alone: the trainer calls
             this on rank 0 only, so nothing here talks to the other ranks)."""
             if chat_tasks:
                 result = run_chat_eval(trained, tokenizer, chat_tasks, data_dir=args.data_dir,
-                                       max_problems=args.chat_eval_max_problems, max_new_tokens=256)  # fmt: skip
+                                       max_problems=settings.chat_eval_max_problems, max_new_tokens=256)  # fmt: skip
                 atomic_write_json(stage_dir / "chat_eval" / f"step_{trainer.step:06d}.json",
                                   {"step": trainer.step, **result})  # fmt: skip
                 scores = ", ".join(f"{name} {r['accuracy']:.3f}" for name, r in result["tasks"].items())
@@ -327,12 +251,6 @@ def run(args: argparse.Namespace) -> int:
             return samples
 
         location = f"--run-dir {run_dir}" if args.run_dir else f"--run {args.run or 'default'}"
-        flags = {"stage": args.stage, "source": source_dir.name, "mix": spec, "identity_name": args.identity_name,
-                 "identity_creator": args.identity_creator, "identity_file": args.identity_file,
-                 "val_conversations": args.val_conversations, "seed": args.seed, "init_lr_frac": args.init_lr_frac,
-                 "warmdown_ratio": args.warmdown_ratio, "final_lr_frac": args.final_lr_frac,
-                 "num_iterations": args.num_iterations, "eval_every": args.eval_every,
-                 "eval_tokens": args.eval_tokens, "save_every": args.save_every}  # fmt: skip
         config = {
             "stage": args.stage,
             "model": model_config,
@@ -344,10 +262,10 @@ def run(args: argparse.Namespace) -> int:
             "data": {"train_conversations": len(train_set), "val_conversations": len(val_set or []),
                      "packing": packing},
             "tokenizer": {"path": str(tokenizer_dir), "sha256": tokenizer_sha256, "vocab_size": tokenizer.vocab_size},
-            "provenance": _provenance(device, torch.float32, ranks.world_size, False, resume_from),
+            "provenance": provenance(device, torch.float32, ranks.world_size, False, resume_from),
         }  # fmt: skip
         trainer = Trainer(
-            model, optimizer, train_settings, stage_dir=stage_dir, ranks=ranks, make_train_loader=train_loader,
+            model, optimizer, trainer_settings, stage_dir=stage_dir, ranks=ranks, make_train_loader=train_loader,
             make_val_loader=val_loader if val_set is not None else None, token_bytes=tokenizer.token_bytes(),
             sample=chat_samples,
             resume_settings={"model_config": model_config, "tokenizer_sha256": tokenizer_sha256, "mix": spec,

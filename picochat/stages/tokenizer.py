@@ -103,8 +103,6 @@ def _add_location_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
 
 
-
-
 def _vocab_size(value: str) -> int:
     from picochat.tokenizer import MIN_VOCAB_SIZE
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import os
 
-from picochat.common import PicochatError
+from picochat.common import PicochatError, read_jsonl
 from picochat.tasks.common import (
     CATEGORICAL,
     LETTERS,
     Task,
     data_file,
     evaluate_letter,
-    read_jsonl,
     render_multiple_choice,
     require_string,
 )

@@ -18,7 +18,6 @@ is right. There are two ways to evaluate (REFERENCE A.18):
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import os
@@ -27,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from picochat.common import PicochatError, resolve_data_dir
+from picochat.common import PicochatError, read_text, resolve_data_dir
 
 CATEGORICAL = "categorical"
 GENERATIVE = "generative"
@@ -162,45 +161,13 @@ def data_file(data_dir: str | os.PathLike | None, relative: str, what: str) -> P
     return path
 
 
-def open_text(path: Path):
-    """A text file for reading, gzip-aware (by the .gz suffix), UTF-8 with a byte order mark tolerated."""
-    try:
-        if path.name.endswith(".gz"):
-            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
-        return open(path, encoding="utf-8-sig", newline="")
-    except OSError as error:
-        raise PicochatError(f"{path}: cannot open ({error.strerror or error})") from None
-
-
-def _read_all(path: Path) -> str:
-    try:
-        with open_text(path) as file:
-            return file.read()
-    except UnicodeDecodeError as error:
-        raise PicochatError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except (OSError, EOFError) as error:  # e.g. a truncated or corrupt .gz
-        raise PicochatError(f"{path}: cannot read ({error})") from None
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for every non-blank line of a .jsonl / .jsonl.gz file."""
-    # split("\n"), not splitlines(): a JSON string may hold U+2028 and other characters splitlines() breaks on.
-    for line_number, line in enumerate(_read_all(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield line_number, json.loads(line)
-        except json.JSONDecodeError as error:
-            raise PicochatError(f"{path}:{line_number}: not valid JSON ({error.msg} at column {error.colno})") from None
-
-
 def read_json_list(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number where the element starts, element) for each element of a file holding one JSON list.
 
     The list is parsed element by element (json.JSONDecoder.raw_decode) so that an error in a record can name
     the line where that record starts, as for JSONL files.
     """
-    text = _read_all(path)
+    text = read_text(path)
     decoder = json.JSONDecoder()
     position, line, counted_to = 0, 1, 0
 
@@ -247,7 +214,7 @@ def read_json_list(path: Path) -> Iterator[tuple[int, Any]]:
 
 def read_csv(path: Path, header: Sequence[str]) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) for every row of a CSV file whose first line must be exactly `header`."""
-    text = _read_all(path)
+    text = read_text(path)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         first = next(reader, None)

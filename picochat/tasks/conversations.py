@@ -34,8 +34,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from picochat.common import PicochatError, warn
-from picochat.tasks.common import GENERATIVE, Task, read_json_list, read_jsonl
+from picochat.common import PicochatError, read_jsonl, warn
+from picochat.tasks.common import GENERATIVE, Task, read_json_list
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

@@ -21,8 +21,8 @@ from __future__ import annotations
 import os
 import re
 
-from picochat.common import PicochatError
-from picochat.tasks.common import GENERATIVE, Task, data_file, read_jsonl, require_string
+from picochat.common import PicochatError, read_jsonl
+from picochat.tasks.common import GENERATIVE, Task, data_file, require_string
 
 SPLITS = ("train", "test")
 ANNOTATION = re.compile(r"<<([^<>]*)>>")

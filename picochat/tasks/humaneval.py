@@ -21,8 +21,8 @@ import os
 import re
 from collections.abc import Callable
 
-from picochat.common import PicochatError
-from picochat.tasks.common import GENERATIVE, Task, data_file, read_jsonl, require_string
+from picochat.common import PicochatError, read_jsonl
+from picochat.tasks.common import GENERATIVE, Task, data_file, require_string
 
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 CODE_BLOCK = re.compile(r"```(?:python3?|py)?[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL)

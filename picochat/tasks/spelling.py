@@ -31,8 +31,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from picochat.common import PicochatError, resolve_data_dir, warn
-from picochat.tasks.common import GENERATIVE, Task, data_file, open_text
+from picochat.common import PicochatError, open_text, resolve_data_dir, warn
+from picochat.tasks.common import GENERATIVE, Task, data_file
 from picochat.tasks.gsm8k import extract_answer
 
 KINDS = ("mixed", "spell", "count")  # mixed: even indices spell, odd indices count
