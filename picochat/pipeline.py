@@ -139,8 +139,11 @@ def plan_stages(preset: Preset, run_dir: Path, data_dir: Path) -> list[Stage]:
                                          str(p.tokenizer_shards or p.download_shards), *data]))  # fmt: skip
     else:
         stages.append(Stage("data", ["data", "check", *data]))
-    stages.append(Stage("tokenizer", ["tokenizer", "train", *where, *data, "--vocab-size", str(p.vocab_size),
-                                      "--max-chars", str(p.tokenizer_max_chars)]))  # fmt: skip
+    tokenizer = ["tokenizer", "train", *where, *data, "--vocab-size", str(p.vocab_size),
+                 "--max-chars", str(p.tokenizer_max_chars)]  # fmt: skip
+    if p.architecture == "portable":  # a split llama.cpp knows, so that the GGUF export tokenises as we do
+        tokenizer += ["--split-pattern", "llama-bpe"]
+    stages.append(Stage("tokenizer", tokenizer))
     stages.append(Stage("tokenizer-eval", ["tokenizer", "eval", *where, *data], optional=True))
 
     if latest_checkpoint(run_dir / "base"):
@@ -150,7 +153,8 @@ def plan_stages(preset: Preset, run_dir: Path, data_dir: Path) -> list[Stage]:
                     "--device-batch-size", str(p.device_batch_size),
                     "--target-param-data-ratio", str(p.target_param_data_ratio),
                     "--eval-every", str(p.eval_every), "--eval-tokens", str(p.eval_tokens),
-                    "--save-every", str(p.save_every), "--sample-every", str(1 << 30)]  # fmt: skip
+                    "--save-every", str(p.save_every), "--sample-every", str(1 << 30),
+                    "--architecture", p.architecture]  # fmt: skip
         # A huge --sample-every: greedy samples at the end only (they go into the report).
         if p.total_batch_size is not None:
             pretrain += ["--total-batch-size", str(p.total_batch_size)]

@@ -42,6 +42,14 @@ def nonempty_text(text: str) -> str:
     return text
 
 
+def architecture_name(text: str) -> str:
+    from picochat.model_config import ARCHITECTURES
+
+    if text not in ARCHITECTURES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(ARCHITECTURES)}, got {text!r}")
+    return text
+
+
 def setting(help_text: str, parse=None) -> dict:
     """Field metadata: the flag's help and its parser (None: a boolean --flag / --no-flag)."""
     return field(metadata={"help": help_text, "parse": parse})
@@ -58,6 +66,9 @@ class Preset:
     vocab_size: int = setting("tokenizer vocabulary", _parser(int, 266))
     tokenizer_max_chars: int = setting("characters the tokenizer trains on", _parser(int, 1))
     # pretraining
+    architecture: str = setting("reference (nanochat's, best quality per FLOP) or portable (a stock Qwen3 for "
+                                "llama.cpp, Ollama, transformers...; also trains the tokenizer with llama.cpp's "
+                                "llama-bpe split)", architecture_name)  # fmt: skip
     depth: int = setting("transformer layers (width, heads, learning rates follow)", _parser(int, 1))
     max_seq_len: int = setting("tokens per row", _parser(int, 8))
     device_batch_size: int = setting("rows per forward pass per rank", _parser(int, 1))
@@ -111,7 +122,7 @@ def setting_fields() -> list:
 
 CPU = Preset(
     download_shards=0, tokenizer_shards=0,
-    vocab_size=8192, tokenizer_max_chars=200_000_000,
+    vocab_size=8192, tokenizer_max_chars=200_000_000, architecture="reference",
     # ~3,000 tok/s on 2 cores: 400 steps of 4,096 tokens (1.6M tokens, 0.31 per scaling parameter) in ~10 min.
     depth=4, max_seq_len=512, device_batch_size=8, total_batch_size=4096, num_iterations=400,
     target_param_data_ratio=8.0, eval_every=50, eval_tokens=32_768, save_every=50,
@@ -128,7 +139,7 @@ CPU = Preset(
 
 D12 = Preset(
     download_shards=24, tokenizer_shards=8,
-    vocab_size=32_768, tokenizer_max_chars=2_000_000_000,
+    vocab_size=32_768, tokenizer_max_chars=2_000_000_000, architecture="reference",
     depth=12, max_seq_len=2048, device_batch_size=32, total_batch_size=None, num_iterations=None,
     target_param_data_ratio=8.0, eval_every=250, eval_tokens=20 * 524_288, save_every=500,
     bpb_tokens=10 * 524_288, core_max_per_task=None,

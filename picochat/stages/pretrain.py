@@ -56,6 +56,7 @@ from picochat.common import (
     typable_command,
     warn,
 )
+from picochat.model_config import ARCHITECTURES
 
 # The reference's seven greedy-sample prompts (16 tokens each): a quick look at what the model knows.
 SAMPLE_PROMPTS = [
@@ -81,12 +82,12 @@ DEFAULTS: dict[str, Any] = {
     "warmup_steps": 40, "warmdown_ratio": 0.65, "final_lr_frac": 0.05,
     "eval_every": 250, "eval_tokens": 80 * 524_288, "sample_every": 2000, "save_every": 0, "keep_checkpoints": 2,
     "seed": 42, "batch_lr_scale": None, "muon_weight_decay": None, "fp8": False,
-    "embedding_dtype": "auto",
+    "embedding_dtype": "auto", "architecture": "reference",
 }  # fmt: skip
 # Flags that define the model or the data stream: changing them on --resume is an error, not an override.
 # (The schedule may change: a new --num-iterations is allowed, with a warning.)
 FIXED_ON_RESUME = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "window_pattern", "total_batch_size",
-                   "paths", "val", "text_column")  # fmt: skip
+                   "paths", "val", "text_column", "architecture")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,7 +134,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--aspect-ratio", type=positive_int, help="model width = depth x this (64)")
     model.add_argument("--head-dim", type=positive_int, help="attention head size (128)")
     model.add_argument("--max-seq-len", type=positive_int, help="tokens per training row (2048)")
-    model.add_argument("--window-pattern", type=window_pattern, help="S/L sliding windows tiled over layers (SSSL)")
+    model.add_argument("--window-pattern", type=window_pattern, help="S/L sliding windows tiled over layers (SSSL; "
+                                                                       "the portable architecture: L only)")
+    model.add_argument("--architecture", choices=ARCHITECTURES,
+                       help="reference (the default: nanochat's, best quality per FLOP) or portable (a stock Qwen3 "
+                            "that llama.cpp, Ollama, MLX, vLLM and plain transformers run; see picochat/portable.py)")
 
     horizon = parser.add_argument_group("horizon and batch (first given wins: iterations > flops > ratio)")
     horizon.add_argument("--num-iterations", type=positive_int, help="optimizer steps")
@@ -202,15 +207,19 @@ def _same(given: Any, saved: Any) -> bool:
 def derive_plan(flags: dict[str, Any], vocab_size: int, world_size: int) -> dict[str, Any]:
     import torch
 
-    from picochat.gpt import GPT, GPTConfig
+    from picochat.gpt import GPT, GPTConfig, model_class
     from picochat.trainer import gradient_accumulation_steps
+
+    architecture = flags["architecture"]
+    # The portable architecture has full attention in every layer: the reference's default SSSL does not apply.
+    pattern = "L" if architecture == "portable" else flags["window_pattern"]
 
     def meta_model(depth: int) -> GPT:
         config = GPTConfig.from_depth(depth, aspect_ratio=flags["aspect_ratio"], head_dim=flags["head_dim"],
                                       vocab_size=vocab_size, sequence_len=flags["max_seq_len"],
-                                      window_pattern=flags["window_pattern"])  # fmt: skip
+                                      window_pattern=pattern, architecture=architecture)  # fmt: skip
         with torch.device("meta"):
-            return GPT(config, compute_dtype=torch.float32)
+            return model_class(config)(config, compute_dtype=torch.float32)
 
     model = meta_model(flags["depth"])
     scaling_params = model.num_scaling_params()
@@ -287,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.gpt import GPT, GPTConfig
     from picochat.hardware import distributed_session
     from picochat.packing import pretraining_batches
-    from picochat.tokenizer import Tokenizer
+    from picochat.tokenizer import Tokenizer, split_pattern_name
     from picochat.trainer import Trainer, TrainSettings
 
     run_dir = resolve_run_dir(args.run, args.run_dir)
@@ -295,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
     resume_from = resume_point(stage_dir, args.resume, holds="a pretraining run")
     saved_config = None if resume_from is None else _read_json(stage_dir / "config.json").get("flags")
     flags = resolve_flags(args, saved_config)
+    if flags["architecture"] == "portable" and args.window_pattern and "S" in args.window_pattern:
+        raise PicochatError(f"--window-pattern {args.window_pattern}: the portable architecture has no sliding windows")
     if args.wandb_run:
         import importlib.util
 
@@ -307,6 +318,9 @@ def run(args: argparse.Namespace) -> int:
                             f"{'--run-dir ' + str(run_dir) if args.run_dir else '--run ' + (args.run or 'default')}` "
                             "first")  # fmt: skip
     tokenizer = Tokenizer.load(tokenizer_dir)
+    if flags["architecture"] == "portable" and split_pattern_name(tokenizer.pattern) != "llama-bpe":
+        warn(f"{tokenizer_dir}: this tokenizer does not split text as llama.cpp's llama-bpe does, so the portable "
+             "model will export to Hugging Face but not to GGUF (train the tokenizer with --split-pattern llama-bpe)")
     tokenizer_sha256 = hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()
     train_files, val_files = _data_files(flags, args.data_dir, find_text_files, split_train_val,
                                          default_pretraining_files)  # fmt: skip
