@@ -260,3 +260,49 @@ def test_gguf_metadata_modelfile_and_refusals(run, gguf_dirs, tmp_path, data_dir
     with pytest.raises(PicochatError, match="split-pattern llama-bpe"):
         export_gguf(other)
     assert main(["export", "--run-dir", str(run_dir), "--quant", "q8_0"]) == 2  # --quant is for gguf only
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline: the flag, the plan, and pretrain -> SFT -> chat of a portable model through the CLI
+
+
+def test_run_plans_the_llama_split_and_the_architecture(tmp_path, data_dir):
+    import dataclasses
+
+    from picochat.pipeline import plan_stages
+    from picochat.planning import pretraining_plan
+    from picochat.presets import CPU
+
+    portable = dataclasses.replace(CPU, architecture="portable")
+    stages = {stage.name: stage.args for stage in plan_stages(portable, tmp_path, data_dir)}
+    assert stages["tokenizer"][-2:] == ["--split-pattern", "llama-bpe"]
+    assert stages["pretrain"][stages["pretrain"].index("--architecture") + 1] == "portable"
+    assert "--split-pattern" not in {stage.name: stage.args for stage in plan_stages(CPU, tmp_path, data_dir)}[
+        "tokenizer"
+    ]
+    plan = pretraining_plan(portable)
+    assert plan["model_config"]["architecture"] == "portable"
+    assert plan["window_sizes"] == [CPU.max_seq_len] * CPU.depth
+    assert "architecture" not in pretraining_plan(CPU)["model_config"]
+
+
+def test_portable_pretrain_sft_and_chat_through_the_cli(tmp_path, tokenizer, data_dir):
+    from helpers import TINY, wiki_args
+
+    from picochat import load
+
+    run_dir = tmp_path / "run"
+    tokenizer.save(run_dir / "tokenizer")
+    assert main(["pretrain", "--run-dir", str(run_dir), "--architecture", "portable", "--window-pattern", "SSSL",
+                 *wiki_args(data_dir), *TINY]) == 2  # fmt: skip
+    args = [*wiki_args(data_dir), *TINY, "--num-iterations", "3", "--eval-every", "3", "--device", "cpu"]
+    assert main(["pretrain", "--run-dir", str(run_dir), "--architecture", "portable", *args]) == 0
+    config = json.loads((run_dir / "base" / "config.json").read_text())
+    assert config["model"]["architecture"] == "portable" and config["flags"]["architecture"] == "portable"
+    assert main(["sft", "--run-dir", str(run_dir), "--data-dir", str(data_dir), "--mix", "identity:0.05",
+                 "--identity-name", "Pico", "--num-iterations", "2", "--eval-every", "0", "--device",
+                 "cpu"]) == 0  # fmt: skip
+    model, loaded_tokenizer = load(run_dir, device="cpu")
+    assert type(model) is PortableGPT
+    reply = Engine(model, loaded_tokenizer).chat([{"role": "user", "content": "What is your name?"}], max_tokens=5)
+    assert len(reply) == 1 and len(reply[0].tokens) <= 5
