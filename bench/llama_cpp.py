@@ -108,7 +108,6 @@ def main() -> int:
 
     engine = Engine(model, tokenizer)
     stop = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id]
-    start = time.perf_counter()
     ours, first = [], None
     for column, _ in engine.generate(prompt, max_tokens=args.max_tokens, temperature=0):
         first = first or time.perf_counter()

@@ -26,7 +26,9 @@ then the model is materialised and initialised in ONE place:
     model.to_empty(device=device)   # allocate (garbage values)
     model.init_weights()            # every parameter and buffer gets its real value here
 
-GPT.build(config, device) does exactly these three steps. Values written in __init__ are placeholders: only
+GPT.build(config, device) does exactly these three steps, for the architecture the config names: this file is the
+reference; `architecture="portable"` builds picochat/portable.py's PortableGPT, a stock Qwen3 with the same interface
+(the shape, GPTConfig, lives in picochat/model_config.py). Values written in __init__ are placeholders: only
 init_weights() sets real ones (this includes the rotary tables, so a checkpoint loader calls it too).
 """
 
