@@ -372,7 +372,7 @@ def load_model(
 
     Built on the meta device and materialised directly on `device` (no throw-away random init on the CPU).
     """
-    from picochat.gpt import GPT, GPTConfig
+    from picochat.gpt import GPT, GPTConfig, model_class
     from picochat.hardware import autodetect_device
 
     stage_dir = Path(stage_dir)
@@ -386,7 +386,7 @@ def load_model(
         weights_file = folder / "model.safetensors"
     weights = load_weights(weights_file)
     with torch.device("meta"):  # shapes only: nothing is allocated for a config that does not fit the file
-        expected = {name: tuple(tensor.shape) for name, tensor in GPT(config).state_dict().items()}
+        expected = {name: tuple(tensor.shape) for name, tensor in model_class(config)(config).state_dict().items()}
     check_weights(weights, expected, weights_file, config_file)
     model = GPT.build(config, device or autodetect_device(), compute_dtype=compute_dtype)
     model.load_state_dict(weights)

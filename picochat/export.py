@@ -62,7 +62,6 @@ def export_hf(
 
     from picochat import locate_stage
     from picochat.checkpoint import load_model
-    from picochat.gpt import window_sizes
     from picochat.tokenizer import Tokenizer
 
     run_dir, stage_dir = locate_stage(run_dir, stage)
@@ -82,7 +81,57 @@ def export_hf(
 
     specials = tokenizer.special_token_ids
     bos, assistant_end = specials["<|bos|>"], specials["<|assistant_end|>"]
-    hf_config = {
+    portable = config.architecture == "portable"
+    if portable:  # a stock Qwen3: no remote code (picochat/export_portable.py)
+        from picochat.export_portable import qwen3_config
+
+        hf_config = qwen3_config(config, bos=bos, eos=[assistant_end, bos], pad=assistant_end)
+    else:
+        hf_config = _picochat_config(model, config, bos=bos, assistant_end=assistant_end)
+    hf_config["picochat"] = {"model": config.to_dict(), "stage": stage_dir.name, "step": step}
+    generation_config = {
+        "bos_token_id": bos,
+        "eos_token_id": [assistant_end, bos],
+        "pad_token_id": assistant_end,
+        "max_new_tokens": min(256, config.sequence_len // 2),  # a chat reply's default budget, as in the engine
+        # The settings of `picochat chat`; pass do_sample=False for greedy decoding.
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_k": 50,
+    }
+
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        if portable:
+            from picochat.export_portable import write_qwen3_weights
+
+            write_qwen3_weights(tmp_dir / "model.safetensors", model.state_dict(), config.vocab_size)
+        else:
+            _write_weights(tmp_dir / "model.safetensors", model.state_dict(), config.vocab_size)
+        atomic_write_json(tmp_dir / "config.json", hf_config)
+        atomic_write_json(tmp_dir / "generation_config.json", generation_config)
+        atomic_write_text(tmp_dir / "tokenizer.json", json.dumps(hf_tokenizer_json(tokenizer), ensure_ascii=False))
+        atomic_write_json(tmp_dir / "tokenizer_config.json", hf_tokenizer_config(tokenizer, config.sequence_len))
+        atomic_write_json(tmp_dir / "special_tokens_map.json", _special_tokens_map(tokenizer))
+        for name in () if portable else MODELING_FILES:
+            atomic_write_text(tmp_dir / name, (HF_SOURCE_DIR / name).read_text(encoding="utf-8"))
+        atomic_write_text(tmp_dir / "README.md", _model_card(run_dir, stage_dir, step, config, portable))
+        _replace_dir(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    note = "a stock Qwen3: loads without trust_remote_code" if portable else REMOTE_CODE_NOTE
+    log(f"export: {stage_dir} -> {out_dir} (Hugging Face format; {note})")
+    return out_dir
+
+
+def _picochat_config(model, config, *, bos: int, assistant_end: int) -> dict:
+    """config.json of the reference architecture: PicochatConfig, whose code is copied next to it."""
+    from picochat.gpt import window_sizes
+
+    return {
         "architectures": ["PicochatForCausalLM"],
         "model_type": "picochat",
         "auto_map": {
@@ -107,38 +156,7 @@ def export_hf(
         "dtype": "float32",
         "use_cache": True,
         "tie_word_embeddings": False,
-        "picochat": {"model": config.to_dict(), "stage": stage_dir.name, "step": step},
     }
-    generation_config = {
-        "bos_token_id": bos,
-        "eos_token_id": [assistant_end, bos],
-        "pad_token_id": assistant_end,
-        "max_new_tokens": min(256, config.sequence_len // 2),  # a chat reply's default budget, as in the engine
-        # The settings of `picochat chat`; pass do_sample=False for greedy decoding.
-        "do_sample": True,
-        "temperature": 0.6,
-        "top_k": 50,
-    }
-
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    try:
-        _write_weights(tmp_dir / "model.safetensors", model.state_dict(), config.vocab_size)
-        atomic_write_json(tmp_dir / "config.json", hf_config)
-        atomic_write_json(tmp_dir / "generation_config.json", generation_config)
-        atomic_write_text(tmp_dir / "tokenizer.json", json.dumps(hf_tokenizer_json(tokenizer), ensure_ascii=False))
-        atomic_write_json(tmp_dir / "tokenizer_config.json", hf_tokenizer_config(tokenizer, config.sequence_len))
-        atomic_write_json(tmp_dir / "special_tokens_map.json", _special_tokens_map(tokenizer))
-        for name in MODELING_FILES:
-            atomic_write_text(tmp_dir / name, (HF_SOURCE_DIR / name).read_text(encoding="utf-8"))
-        atomic_write_text(tmp_dir / "README.md", _model_card(run_dir, stage_dir, step, config))
-        _replace_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    log(f"export: {stage_dir} -> {out_dir} (Hugging Face format; {REMOTE_CODE_NOTE})")
-    return out_dir
 
 
 def _write_weights(path: Path, state: dict[str, Any], vocab_size: int) -> None:
@@ -203,12 +221,7 @@ def hf_tokenizer_json(tokenizer) -> dict:
 
     ranks = tokenizer.mergeable_ranks
     vocab = {printable(token): rank for token, rank in ranks.items()}
-    merges = []
-    for token in sorted(ranks, key=ranks.__getitem__):
-        splits = [(token[:i], token[i:]) for i in range(1, len(token))]
-        pairs = [(left, right) for left, right in splits if left in ranks and right in ranks]
-        pairs.sort(key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
-        merges.extend((printable(left), printable(right)) for left, right in pairs)
+    merges = bpe_merges(ranks)
 
     model = models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False)
     hf = HFTokenizer(model)
@@ -228,6 +241,25 @@ def hf_tokenizer_json(tokenizer) -> dict:
         if hf.token_to_id(name) != token_id:
             raise RuntimeError(f"tokenizer export: {name} got id {hf.token_to_id(name)}, expected {token_id}")
     return json.loads(hf.to_str())
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[str, str]]:
+    """The merge list equivalent to tiktoken's ranks (see above), in GPT-2's printable byte alphabet: for every token
+    in rank order, each (left, right) split of it whose halves are both tokens. The GGUF export writes the same."""
+    from picochat.tokenizer import byte_to_unicode
+
+    to_char = byte_to_unicode()
+
+    def printable(token: bytes) -> str:
+        return "".join(to_char[b] for b in token)
+
+    merges = []
+    for token in sorted(ranks, key=ranks.__getitem__):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))]
+        pairs = [(left, right) for left, right in splits if left in ranks and right in ranks]
+        pairs.sort(key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
+        merges.extend((printable(left), printable(right)) for left, right in pairs)
+    return merges
 
 
 def chat_template() -> str:
@@ -287,8 +319,16 @@ def _special_tokens_map(tokenizer) -> dict:
     }
 
 
-def _model_card(run_dir: Path, stage_dir: Path, step: int | None, config) -> str:
+def _model_card(run_dir: Path, stage_dir: Path, step: int | None, config, portable: bool = False) -> str:
     checkpoint = f"step {step}" if step is not None else "latest weights"
+    remote = "" if portable else "trust_remote_code=True, "
+    code_note = (
+        "The model is a stock Qwen3 (picochat's portable architecture): plain transformers runs it, and so do "
+        "llama.cpp, Ollama, MLX and vLLM (`picochat export --format gguf` writes the GGUF)."
+        if portable
+        else f"The model {REMOTE_CODE_NOTE}; the code is `modeling_picochat.py` in this folder (torch + transformers "
+        "only)."
+    )
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -307,8 +347,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 FOLDER = "path/to/this/folder"  # or its id on the Hugging Face Hub
 
-model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True, dtype=torch.float32)
-tokenizer = AutoTokenizer.from_pretrained(FOLDER, trust_remote_code=True)  # reads config.json; stock tokenizer
+model = AutoModelForCausalLM.from_pretrained(FOLDER, {remote}dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained(FOLDER{", " + remote.strip(", ") if remote else ""})  # stock tokenizer
 messages = [{{"role": "user", "content": "Why is the sky blue?"}}]
 prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 out = model.generate(**prompt, max_new_tokens=100, do_sample=False)
@@ -316,7 +356,7 @@ print(tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_token
 ```
 
 Notes:
-- The model {REMOTE_CODE_NOTE}; the code is `modeling_picochat.py` in this folder (torch + transformers only).
+- {code_note}
 - Padding is not supported: generate one prompt at a time, or rows of equal length.
 - `tokenizer(text)` adds no BOS token (the chat template does). Special-token strings typed in text (e.g.
   `<|bos|>`) become special tokens here, as usual in transformers; picochat itself encodes them as plain text.

@@ -26,14 +26,15 @@ then the model is materialised and initialised in ONE place:
     model.to_empty(device=device)   # allocate (garbage values)
     model.init_weights()            # every parameter and buffer gets its real value here
 
-GPT.build(config, device) does exactly these three steps. Values written in __init__ are placeholders: only
+GPT.build(config, device) does exactly these three steps, for the architecture the config names: this file is the
+reference; `architecture="portable"` builds picochat/portable.py's PortableGPT, a stock Qwen3 with the same interface
+(the shape, GPTConfig, lives in picochat/model_config.py). Values written in __init__ are placeholders: only
 init_weights() sets real ones (this includes the rotary tables, so a checkpoint loader calls it too).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -41,137 +42,34 @@ import torch.nn.functional as F
 
 from picochat import hardware, inference_cost
 from picochat.attention import KVCache, RowPositions, SlotKVCache, attention
-from picochat.common import PicochatError
 from picochat.fp8 import fp8_linear
 from picochat.loss import SOFTCAP, softcapped_cross_entropy
+from picochat.model_config import (  # noqa: F401  (re-exported: the model's shape lives in model_config.py)
+    CONFIG_MAXIMA,
+    SMEAR_CHANNELS,
+    VOCAB_MULTIPLE,
+    GPTConfig,
+    short_window,
+    window_sizes,
+)
 from picochat.rotary import apply_rotary, rotary_tables
 
 QK_SCALE = 1.2  # after QK-norm, q and k are each multiplied by this: sharper attention than 1/sqrt(D) alone
-SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the embedding
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of the block input
-VOCAB_MULTIPLE = 64  # pad the vocabulary so the embedding/lm_head shapes are friendly to matmul kernels
-# Upper bounds on a config's sizes, far above anything trainable here (nanochat's largest: 2048 tokens, 65,536
-# vocab, 32 layers x 2048 wide), so that a damaged or hostile config.json is refused with a message instead of
-# an attempt to allocate petabytes (the rotary tables alone are 10 x sequence_len x head_dim floats).
-CONFIG_MAXIMA = {
-    "sequence_len": 131_072,
-    "vocab_size": 1 << 20,
-    "n_layer": 512,
-    "n_head": 1024,
-    "n_kv_head": 1024,
-    "n_embd": 32_768,
-}
 
 
-@dataclass
-class GPTConfig:
-    sequence_len: int = 2048
-    vocab_size: int = 32768
-    n_layer: int = 12
-    n_head: int = 6  # query heads
-    n_kv_head: int = 6  # key/value heads (grouped-query attention when fewer than n_head)
-    n_embd: int = 768
-    window_pattern: str = "SSSL"  # tiled over the layers: S = short window, L = long (full context)
+def model_class(config: GPTConfig) -> type[GPT]:
+    """The class of the architecture `config` names: GPT (the reference) or PortableGPT (a stock Qwen3)."""
+    if config.architecture == "portable":
+        from picochat.portable import PortableGPT  # imported here: portable.py builds on this module
 
-    def __post_init__(self):
-        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PicochatError(f"model config {name}={value!r}: expected a positive integer")
-            if value > CONFIG_MAXIMA[name]:
-                raise PicochatError(f"model config {name}={value}: expected at most {CONFIG_MAXIMA[name]:,}")
-        if self.n_embd % self.n_head:
-            raise PicochatError(f"model config: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-        if self.head_dim % 2:
-            raise PicochatError(f"model config: head dim {self.head_dim} must be even (rotary embeddings)")
-        if self.n_head % self.n_kv_head:
-            raise PicochatError(f"model config: n_kv_head {self.n_kv_head} must divide n_head {self.n_head}")
-        if self.n_embd < SMEAR_CHANNELS:
-            raise PicochatError(f"model config: n_embd {self.n_embd} must be at least {SMEAR_CHANNELS}")
-        pattern = self.window_pattern.upper() if isinstance(self.window_pattern, str) else ""
-        if not pattern or set(pattern) - {"S", "L"}:
-            raise PicochatError(
-                f"model config window_pattern={self.window_pattern!r}: expected letters S (short) and L (long)"
-            )
-        self.window_pattern = pattern
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return math.ceil(self.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-    @classmethod
-    def from_depth(
-        cls,
-        depth: int,
-        *,
-        aspect_ratio: int = 64,
-        head_dim: int = 128,
-        vocab_size: int = 32768,
-        sequence_len: int = 2048,
-        window_pattern: str = "SSSL",
-        n_kv_head: int | None = None,
-    ) -> GPTConfig:
-        """The single dial: width = depth * aspect_ratio rounded UP to a whole number of heads of head_dim.
-
-        d12 -> 768 wide, 6 heads; d24 -> 1536, 12 heads; d26 -> 1664 (26*64 = 1664 = 13 heads of 128).
-        n_kv_head defaults to n_head (plain multi-head attention).
-        """
-        for name, value in (("depth", depth), ("aspect_ratio", aspect_ratio), ("head_dim", head_dim)):
-            if not isinstance(value, int) or value < 1:
-                raise PicochatError(f"--{name.replace('_', '-')} {value!r}: expected a positive integer")
-        model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
-        n_head = model_dim // head_dim
-        return cls(
-            sequence_len=sequence_len,
-            vocab_size=vocab_size,
-            n_layer=depth,
-            n_head=n_head,
-            n_kv_head=n_head if n_kv_head is None else n_kv_head,
-            n_embd=model_dim,
-            window_pattern=window_pattern,
-        )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict, *, source: str = "model config") -> GPTConfig:
-        """A config from its to_dict() form, read from `source` (a file name), which every error names."""
-        if not isinstance(data, dict):
-            raise PicochatError(f"{source}: the model shape must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise PicochatError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
-        try:
-            return cls(**data)
-        except PicochatError as error:
-            raise PicochatError(f"{source}: {error}") from None
+        return PortableGPT
+    return GPT
 
 
 def has_value_embedding(layer: int, n_layer: int) -> bool:
     """Value embeddings live on every other layer, counted back from the last (which always has one)."""
     return layer % 2 == (n_layer - 1) % 2
-
-
-def short_window(sequence_len: int) -> int:
-    """The S window: a quarter of the context rounded up to a multiple of 128 (2048 -> 512)."""
-    return math.ceil(math.ceil(sequence_len / 4) / 128) * 128
-
-
-def window_sizes(config: GPTConfig) -> list[int]:
-    """Per-layer attention window (how many tokens back a query may look): the pattern tiled over the
-    layers, S -> short_window(sequence_len), L -> sequence_len; the last layer is always L so the final
-    representation sees the whole context."""
-    short, long = short_window(config.sequence_len), config.sequence_len
-    pattern = config.window_pattern
-    sizes = [short if pattern[i % len(pattern)] == "S" else long for i in range(config.n_layer)]
-    sizes[-1] = long
-    return sizes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -323,7 +221,10 @@ class GPT(nn.Module):
 
     @classmethod
     def build(cls, config: GPTConfig, device: torch.device | str, *, compute_dtype: torch.dtype | None = None) -> GPT:
-        """Meta-device construction, allocation on `device`, then init_weights()."""
+        """Meta-device construction, allocation on `device`, then init_weights(). GPT.build builds the architecture
+        the config names (model_class)."""
+        if cls is GPT:
+            cls = model_class(config)
         with torch.device("meta"):
             model = cls(config, compute_dtype=compute_dtype)
         model.to_empty(device=device)
@@ -431,18 +332,7 @@ class GPT(nn.Module):
             raise ValueError("last_only is for inference: it cannot be combined with targets")
         B, T = idx.shape
         dtype = self.compute_dtype
-        start = 0 if kv_cache is None else kv_cache.position
-        if isinstance(start, RowPositions):  # a SlotKVCache: every row at its own position (continuous batching)
-            if start.highest + T > self.rotary_len:
-                raise ValueError(f"sequence of {start.highest + T} tokens exceeds the rotary table ({self.rotary_len})")
-            positions = start.first.unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
-            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, head_dim / 2)
-        elif start + T > self.rotary_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the rotary table ({self.rotary_len})")
-        else:
-            cos, sin = self.cos[:, start : start + T], self.sin[:, start : start + T]
-        if kv_cache is not None:
-            kv_cache.check_room(T)
+        cos, sin = self.rotary_for(idx, kv_cache)
 
         x = norm(self.wte(idx).to(dtype))
         # Smear: x_t += smear_lambda * sigmoid(W x_t[:24]) * x_{t-1}. The gate is read from the current token;
@@ -483,6 +373,24 @@ class GPT(nn.Module):
             logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction
         )
         return loss.view(targets.shape) if loss_reduction == "none" else loss
+
+    def rotary_for(self, idx: torch.Tensor, kv_cache: KVCache | SlotKVCache | None) -> tuple[torch.Tensor, ...]:
+        """cos and sin for the T tokens of idx (B, T), which continue the rows in kv_cache (if any), and a check
+        that they fit the rotary table and the cache. With a SlotKVCache each row has its own positions."""
+        T = idx.size(1)
+        start = 0 if kv_cache is None else kv_cache.position
+        if isinstance(start, RowPositions):  # a SlotKVCache: every row at its own position (continuous batching)
+            if start.highest + T > self.rotary_len:
+                raise ValueError(f"sequence of {start.highest + T} tokens exceeds the rotary table ({self.rotary_len})")
+            positions = start.first.unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, head_dim / 2)
+        elif start + T > self.rotary_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the rotary table ({self.rotary_len})")
+        else:
+            cos, sin = self.cos[:, start : start + T], self.sin[:, start : start + T]
+        if kv_cache is not None:
+            kv_cache.check_room(T)
+        return cos, sin
 
     # ------------------------------------------------------------------------------------------------------
     # Accounting: the model is the one source of truth for its parameter and FLOP counts.

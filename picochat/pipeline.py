@@ -140,8 +140,11 @@ def plan_stages(preset: Preset, run_dir: Path, data_dir: Path) -> list[Stage]:
                                          str(p.tokenizer_shards or p.download_shards), *data]))  # fmt: skip
     else:
         stages.append(Stage("data", ["data", "check", *data]))
-    stages.append(Stage("tokenizer", ["tokenizer", "train", *where, *data, "--vocab-size", str(p.vocab_size),
-                                      "--max-chars", str(p.tokenizer_max_chars)]))  # fmt: skip
+    tokenizer = ["tokenizer", "train", *where, *data, "--vocab-size", str(p.vocab_size),
+                 "--max-chars", str(p.tokenizer_max_chars)]  # fmt: skip
+    if p.architecture == "portable":  # a split llama.cpp knows, so that the GGUF export tokenises as we do
+        tokenizer += ["--split-pattern", "llama-bpe"]
+    stages.append(Stage("tokenizer", tokenizer))
     stages.append(Stage("tokenizer-eval", ["tokenizer", "eval", *where, *data], optional=True))
 
     if latest_checkpoint(run_dir / "base"):

@@ -33,7 +33,7 @@ def pretraining_plan(preset: Preset) -> dict:
     flags = defaults(PretrainSettings)
     flags.update(depth=preset.depth, max_seq_len=preset.max_seq_len, device_batch_size=preset.device_batch_size,
                  total_batch_size=preset.total_batch_size, num_iterations=preset.num_iterations,
-                 target_param_data_ratio=preset.target_param_data_ratio)  # fmt: skip
+                 target_param_data_ratio=preset.target_param_data_ratio, architecture=preset.architecture)  # fmt: skip
     return derive_plan(flags, preset.vocab_size, preset.nproc_per_node)
 
 

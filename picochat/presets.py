@@ -67,6 +67,7 @@ class Preset:
     vocab_size: int = setting("tokenizer vocabulary", _parser(int, 266))
     tokenizer_max_chars: int = setting("characters the tokenizer trains on", _parser(int, 1))
     # pretraining
+    architecture: str = passed_to(PretrainSettings, "architecture")
     depth: int = passed_to(PretrainSettings, "depth")
     max_seq_len: int = passed_to(PretrainSettings, "max_seq_len")
     device_batch_size: int = passed_to(PretrainSettings, "device_batch_size")

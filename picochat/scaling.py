@@ -27,15 +27,19 @@ BATCH_EXPONENT = 0.383  # Power Lines: optimal batch ~ D^0.383
 def derive_plan(flags: dict[str, Any], vocab_size: int, world_size: int) -> dict[str, Any]:
     import torch
 
-    from picochat.gpt import GPT, GPTConfig
+    from picochat.gpt import GPT, GPTConfig, model_class
     from picochat.trainer import gradient_accumulation_steps
+
+    architecture = flags.get("architecture", "reference")
+    # The portable architecture has full attention in every layer: the reference's default SSSL does not apply.
+    pattern = "L" if architecture == "portable" else flags["window_pattern"]
 
     def meta_model(depth: int) -> GPT:
         config = GPTConfig.from_depth(depth, aspect_ratio=flags["aspect_ratio"], head_dim=flags["head_dim"],
                                       vocab_size=vocab_size, sequence_len=flags["max_seq_len"],
-                                      window_pattern=flags["window_pattern"])  # fmt: skip
+                                      window_pattern=pattern, architecture=architecture)  # fmt: skip
         with torch.device("meta"):
-            return GPT(config, compute_dtype=torch.float32)
+            return model_class(config)(config, compute_dtype=torch.float32)
 
     model = meta_model(flags["depth"])
     scaling_params = model.num_scaling_params()

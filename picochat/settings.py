@@ -81,8 +81,12 @@ class PretrainSettings:
     aspect_ratio: int = setting(64, "model width = depth x this", positive_int, resume=FIXED, group="model")
     head_dim: int = setting(128, "attention head size", positive_int, resume=FIXED, group="model")
     max_seq_len: int = setting(2048, "tokens per training row", positive_int, resume=FIXED, group="model")
-    window_pattern: str = setting("SSSL", "S/L sliding windows tiled over layers", window_pattern, resume=FIXED,
-                                  group="model")
+    window_pattern: str = setting("SSSL", "S/L sliding windows tiled over layers (the portable architecture: L only)",
+                                  window_pattern, resume=FIXED, group="model")
+    architecture: str = setting("reference", "reference (nanochat's, best quality per FLOP) or portable (a stock "
+                                "Qwen3 that llama.cpp, Ollama, MLX, vLLM and plain transformers run; see "
+                                "picochat/portable.py)", str, resume=FIXED, group="model",
+                                choices=("reference", "portable"))
     # horizon and batch
     num_iterations: int | None = setting(None, "optimizer steps", positive_int, group="horizon")
     target_flops: float | None = setting(None, "training FLOPs budget", positive_float, group="horizon")

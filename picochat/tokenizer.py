@@ -48,6 +48,23 @@ SPLIT_PATTERN_NO_POSSESSIVE = (
     r"""\s+(?!\S)|\s+"""
 )
 
+# Llama 3's split pattern, for the portable architecture: llama.cpp implements it as its "llama-bpe" pre-tokenizer
+# (and transformers' GGUF reader maps that name back to this regex), so a GGUF export tokenises exactly as picochat
+# does. Against ours: digits in groups of 1-3 (not 1-2), a run of newlines is one chunk (\s*[\r\n]+), and nothing is
+# possessive (no possessive quantifier changes a match here, for the reasons given above).
+LLAMA3_SPLIT_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+    r"""\s+(?!\S)|\s+"""
+)
+# The patterns `picochat tokenizer train --split-pattern` offers, by name; "llama-bpe" is llama.cpp's name for it.
+SPLIT_PATTERNS = {"picochat": SPLIT_PATTERN, "llama-bpe": LLAMA3_SPLIT_PATTERN}
+
+
+def split_pattern_name(pattern: str) -> str | None:
+    """The SPLIT_PATTERNS name of a pattern, or None for any other."""
+    return next((name for name, known in SPLIT_PATTERNS.items() if known == pattern), None)
+
+
 # Special tokens, in this order, at the last ids of the vocabulary.
 SPECIAL_TOKENS = [
     "<|bos|>",  # begins every document (and every conversation)

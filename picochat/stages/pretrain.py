@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.gpt import GPT, GPTConfig
     from picochat.hardware import compute_dtype, distributed_session
     from picochat.packing import pretraining_batches
-    from picochat.tokenizer import Tokenizer
+    from picochat.tokenizer import Tokenizer, split_pattern_name
     from picochat.trainer import Trainer
 
     run_dir = resolve_run_dir(args.run, args.run_dir)
@@ -127,6 +127,11 @@ def run(args: argparse.Namespace) -> int:
                             f"{'--run-dir ' + str(run_dir) if args.run_dir else '--run ' + (args.run or 'default')}` "
                             "first")  # fmt: skip
     tokenizer = Tokenizer.load(tokenizer_dir)
+    if flags["architecture"] == "portable" and args.window_pattern and "S" in args.window_pattern:
+        raise PicochatError(f"--window-pattern {args.window_pattern}: the portable architecture has no sliding windows")
+    if flags["architecture"] == "portable" and split_pattern_name(tokenizer.pattern) != "llama-bpe":
+        warn(f"{tokenizer_dir}: this tokenizer does not split text as llama.cpp's llama-bpe does, so the portable "
+             "model will export to Hugging Face but not to GGUF (train the tokenizer with --split-pattern llama-bpe)")
     tokenizer_sha256 = hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()
     train_files, val_files = _data_files(flags, args.data_dir, find_text_files, split_train_val,
                                          default_pretraining_files)  # fmt: skip

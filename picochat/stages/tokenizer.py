@@ -82,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="rustbpe",
         help="BPE trainer: rustbpe (default, faster: see bench/tokenizer.py) or hf (Hugging Face tokenizers)",
     )
+    train.add_argument(
+        "--split-pattern",
+        choices=["picochat", "llama-bpe"],
+        default="picochat",
+        help="how text is cut into chunks before BPE: picochat (GPT-4's, digits in 1-2; the default) or llama-bpe "
+        "(Llama 3's, digits in 1-3), which llama.cpp knows: needed for `picochat export --format gguf`",
+    )
     train.add_argument("--text-column", default="text", help="parquet column / jsonl field holding the text")
 
     evaluate = actions.add_parser(
@@ -153,7 +160,7 @@ def training_texts(
 def train(args: argparse.Namespace) -> int:
     from picochat import __version__
     from picochat.data import default_pretraining_files, find_text_files, split_train_val
-    from picochat.tokenizer import MIN_VOCAB_SIZE, TOKENIZER_FILE, Tokenizer
+    from picochat.tokenizer import MIN_VOCAB_SIZE, SPLIT_PATTERNS, TOKENIZER_FILE, Tokenizer
 
     run_dir = resolve_run_dir(args.run, args.run_dir)
     paths = args.paths or default_pretraining_files(resolve_data_dir(args.data_dir))
@@ -167,7 +174,9 @@ def train(args: argparse.Namespace) -> int:
         train_files, max_chars=args.max_chars, doc_cap=args.doc_cap, text_column=args.text_column, stats=stats
     )
     start = time.perf_counter()
-    tokenizer = Tokenizer.train(texts, vocab_size=args.vocab_size, trainer=args.trainer)
+    tokenizer = Tokenizer.train(
+        texts, vocab_size=args.vocab_size, trainer=args.trainer, pattern=SPLIT_PATTERNS[args.split_pattern]
+    )
     train_seconds = time.perf_counter() - start
     if stats["characters"] == 0:
         raise PicochatError(f"no text to train on in {[str(p) for p in train_files]}")
@@ -185,6 +194,7 @@ def train(args: argparse.Namespace) -> int:
         {
             "picochat_version": __version__,
             "trainer": args.trainer,
+            "split_pattern": args.split_pattern,
             "vocab_size_requested": args.vocab_size,
             "vocab_size": tokenizer.vocab_size,
             "max_chars": args.max_chars,
