@@ -44,6 +44,20 @@ REMOTE_CODE_NOTE = (
 )
 
 
+def export_locations(run_dir, out_dir, stage: str | None, kind: str, force: bool) -> tuple[Path, Path, Path]:
+    """(run folder, stage folder, output folder) of an export; the output defaults to <run>/export/<kind>. Refuses an
+    output folder that holds the run (--force would replace the run itself) or one that is not empty without force."""
+    from picochat import locate_stage
+
+    run_dir, stage_dir = locate_stage(run_dir, stage)
+    out_dir = Path(out_dir).expanduser() if out_dir is not None else run_dir / "export" / kind
+    if run_dir.resolve().is_relative_to(out_dir.resolve()):
+        raise PicochatError(f"--out {out_dir}: it holds the run folder {run_dir}; choose a folder outside it")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise PicochatError(f"{out_dir}: already exists and is not empty (pass --force to replace it)")
+    return run_dir, stage_dir, out_dir
+
+
 def export_hf(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
@@ -60,16 +74,10 @@ def export_hf(
     """
     import torch
 
-    from picochat import locate_stage
     from picochat.checkpoint import load_model
     from picochat.tokenizer import Tokenizer
 
-    run_dir, stage_dir = locate_stage(run_dir, stage)
-    out_dir = Path(out_dir).expanduser() if out_dir is not None else run_dir / "export" / "hf"
-    if run_dir.resolve().is_relative_to(out_dir.resolve()):  # --force would replace the run itself
-        raise PicochatError(f"--out {out_dir}: it holds the run folder {run_dir}; choose a folder outside it")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise PicochatError(f"{out_dir}: already exists and is not empty (pass --force to replace it)")
+    run_dir, stage_dir, out_dir = export_locations(run_dir, out_dir, stage, "hf", force)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     model = load_model(stage_dir, device="cpu", step=step, compute_dtype=torch.float32)
     config = model.config

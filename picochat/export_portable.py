@@ -264,19 +264,13 @@ def export_gguf(
     (default <run>/export/gguf). Written into a temporary sibling folder and renamed into place, like export_hf."""
     import torch
 
-    from picochat import locate_stage
     from picochat.checkpoint import load_model
-    from picochat.export import _replace_dir
+    from picochat.export import _replace_dir, export_locations
     from picochat.tokenizer import Tokenizer
 
     if quant not in QUANTS:
         raise PicochatError(f"--quant {quant!r}: expected one of {', '.join(QUANTS)}")
-    run_dir, stage_dir = locate_stage(run_dir, stage)
-    out_dir = Path(out_dir).expanduser() if out_dir is not None else run_dir / "export" / "gguf"
-    if run_dir.resolve().is_relative_to(out_dir.resolve()):
-        raise PicochatError(f"--out {out_dir}: it holds the run folder {run_dir}; choose a folder outside it")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise PicochatError(f"{out_dir}: already exists and is not empty (pass --force to replace it)")
+    run_dir, stage_dir, out_dir = export_locations(run_dir, out_dir, stage, "gguf", force)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     model = load_model(stage_dir, device="cpu", step=step, compute_dtype=torch.float32)
     config = model.config
