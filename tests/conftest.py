@@ -13,7 +13,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The shared real-data folder. Missing data is a failure, not a skip: the tests are about real data."""
-    candidate = Path(os.environ.get("PICOCHAT_DATA_DIR") or REPO_ROOT.parent / "shared" / "data")
+    # Absolute: tests link shards into temporary folders, where a relative path (../shared/data) would dangle.
+    candidate = Path(os.environ.get("PICOCHAT_DATA_DIR") or REPO_ROOT.parent / "shared" / "data").resolve()
     if not (candidate / "pretrain").is_dir():
         pytest.fail(f"real data not found at {candidate}: set PICOCHAT_DATA_DIR to the shared data folder")
     return candidate
