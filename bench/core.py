@@ -102,15 +102,17 @@ def run_tasks(scorer, tokenizer, model, core_dir: Path, tasks, per_task: int, ba
     for task in tasks:
         path = core_tasks.task_data_path(core_dir, task)
         items = core_tasks.select_items(core_tasks.load_task_items(path, task.task_type), per_task)
-        result = core.evaluate_task(scorer, tokenizer, task, items, max_tokens=model.config.sequence_len,
-                                    batch_size=batch_size)
+        result = core.evaluate_task(
+            scorer, tokenizer, task, items, max_tokens=model.config.sequence_len, batch_size=batch_size
+        )
         log(f"{type(scorer).__name__} {task.label}: {result.examples} items in {result.seconds:.1f}s")
         results.append(result)
     return results
 
 
-def eval_core_command(model: GPT, tokenizer: Tokenizer, core_dir: Path, max_per_task: int, ranks: int,
-                      batch_size: int) -> tuple[dict, float]:
+def eval_core_command(
+    model: GPT, tokenizer: Tokenizer, core_dir: Path, max_per_task: int, ranks: int, batch_size: int
+) -> tuple[dict, float]:
     """(the JSON `picochat eval core` writes, wall seconds) for `model` saved as the base stage of a run."""
     with tempfile.TemporaryDirectory(prefix="picochat_bench_core_") as folder:
         run = Path(folder) / "run"
@@ -118,12 +120,27 @@ def eval_core_command(model: GPT, tokenizer: Tokenizer, core_dir: Path, max_per_
         atomic_write_json(run / "base" / "config.json", {"model": model.config.to_dict()})
         save_checkpoint(run / "base", 0, model.state_dict(), {})
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-        command = [*(launcher if ranks > 1 else [sys.executable]), "-m", "picochat", "eval", "core",
-                   "--run-dir", str(run), "--core-dir", str(core_dir), "--max-per-task", str(max_per_task),
-                   "--batch-size", str(batch_size), "--device", "cpu"]
+        command = [
+            *(launcher if ranks > 1 else [sys.executable]),
+            "-m",
+            "picochat",
+            "eval",
+            "core",
+            "--run-dir",
+            str(run),
+            "--core-dir",
+            str(core_dir),
+            "--max-per-task",
+            str(max_per_task),
+            "--batch-size",
+            str(batch_size),
+            "--device",
+            "cpu",
+        ]
         start = time.perf_counter()
-        completed = subprocess.run(command, env={**os.environ, "PICOCHAT_NO_PROGRESS": "1"}, capture_output=True,
-                                   text=True)
+        completed = subprocess.run(
+            command, env={**os.environ, "PICOCHAT_NO_PROGRESS": "1"}, capture_output=True, text=True
+        )
         seconds = time.perf_counter() - start
         if completed.returncode != 0:
             sys.exit(f"bench/core.py: {' '.join(command)} failed:\n{completed.stderr[-3000:]}")
@@ -139,11 +156,19 @@ def main() -> None:
     parser.add_argument("--max-per-task", type=int, default=500)
     parser.add_argument("--baseline-items", type=int, default=10, help="items per task for ours vs baseline")
     parser.add_argument("--batch-size", type=int, default=8, help="items per forward pass (ours)")
-    parser.add_argument("--ranks", type=int, default=min(os.cpu_count() or 1, 8),
-                        help="processes for the full-size runs (default: the CPU count, at most 8)")
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        default=min(os.cpu_count() or 1, 8),
+        help="processes for the full-size runs (default: the CPU count, at most 8)",
+    )
     parser.add_argument("--random-seeds", default="0,1,2,3", help="init seeds for CORE-18 at 200 items/task")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for the in-process comparison (default 1: steadier on a shared machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for the in-process comparison (default 1: steadier on a shared machine)",
+    )
     parser.add_argument("--data-dir", help="data folder holding core_eval/ and pretrain/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -159,16 +184,19 @@ def main() -> None:
 
     def random_model(seed: int) -> GPT:
         torch.manual_seed(seed)
-        config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len,
-                                      window_pattern=args.window_pattern)
+        config = GPTConfig.from_depth(
+            args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len, window_pattern=args.window_pattern
+        )
         return GPT.build(config, "cpu", compute_dtype=torch.float32).eval()
 
     model = random_model(0)
 
     # 1. ours vs baseline on the same items, in this process
     timings, per_item = {}, {}
-    for name, scorer, batch in (("baseline", BaselineScorer(model, tokenizer.bos_token_id), 1),
-                                ("ours", core.ModelScorer(model, tokenizer.bos_token_id), args.batch_size)):
+    for name, scorer, batch in (
+        ("baseline", BaselineScorer(model, tokenizer.bos_token_id), 1),
+        ("ours", core.ModelScorer(model, tokenizer.bos_token_id), args.batch_size),
+    ):
         start = time.perf_counter()
         per_item[name] = run_tasks(scorer, tokenizer, model, core_dir, tasks, args.baseline_items, batch)
         timings[name] = time.perf_counter() - start
@@ -177,8 +205,7 @@ def main() -> None:
 
     # 2. the full-size CORE-18 through the command (the machine is shared: the load average is reported)
     load_before = os.getloadavg()[0]
-    full, full_seconds = eval_core_command(model, tokenizer, core_dir, args.max_per_task, args.ranks,
-                                           args.batch_size)
+    full, full_seconds = eval_core_command(model, tokenizer, core_dir, args.max_per_task, args.ranks, args.batch_size)
     load_after = os.getloadavg()[0]
 
     # 3. randomly initialised models, 200 items per task
@@ -188,24 +215,52 @@ def main() -> None:
         random_cores[seed] = {"core": result["core"], "boolq_accuracy": result["tasks"]["boolq"]["accuracy"]}
 
     rows = [
-        {"run": f"baseline, {args.baseline_items}/task, 1 process", "items": subset_items,
-         "seconds": timings["baseline"], "items_per_s": subset_items / timings["baseline"]},
-        {"run": f"ours, {args.baseline_items}/task, 1 process", "items": subset_items, "seconds": timings["ours"],
-         "items_per_s": subset_items / timings["ours"]},
-        {"run": f"picochat eval core, {args.max_per_task}/task, {args.ranks} rank(s)", "items": full["examples"],
-         "seconds": full_seconds, "items_per_s": full["examples"] / full_seconds},
+        {
+            "run": f"baseline, {args.baseline_items}/task, 1 process",
+            "items": subset_items,
+            "seconds": timings["baseline"],
+            "items_per_s": subset_items / timings["baseline"],
+        },
+        {
+            "run": f"ours, {args.baseline_items}/task, 1 process",
+            "items": subset_items,
+            "seconds": timings["ours"],
+            "items_per_s": subset_items / timings["ours"],
+        },
+        {
+            "run": f"picochat eval core, {args.max_per_task}/task, {args.ranks} rank(s)",
+            "items": full["examples"],
+            "seconds": full_seconds,
+            "items_per_s": full["examples"] / full_seconds,
+        },
     ]
     print(print_table(rows))
-    print(print_table([{"task": label, "items": t["examples"], "seconds": t["seconds"],
-                        "accuracy": t["accuracy"], "centered": t["centered"]} for label, t in full["tasks"].items()]))
+    print(
+        print_table(
+            [
+                {
+                    "task": label,
+                    "items": t["examples"],
+                    "seconds": t["seconds"],
+                    "accuracy": t["accuracy"],
+                    "centered": t["centered"],
+                }
+                for label, t in full["tasks"].items()
+            ]
+        )
+    )
     print(f"{full['metric']} at {args.max_per_task} items/task: {full['core']:+.4f}")
     for seed, result in random_cores.items():
-        print(f"random init seed {seed}: {full['metric']} at 200 items/task = {result['core']:+.4f} "
-              f"(boolq accuracy {result['boolq_accuracy']:.3f})")
-    print(f"ours and baseline agree on {agree} of {subset_items} items; speedup "
-          f"{timings['baseline'] / timings['ours']:.1f}x; full run {full_seconds:.0f}s "
-          f"({'under' if full_seconds < TEN_MINUTES else 'OVER'} 10 minutes, load average {load_before:.1f} -> "
-          f"{load_after:.1f})")
+        print(
+            f"random init seed {seed}: {full['metric']} at 200 items/task = {result['core']:+.4f} "
+            f"(boolq accuracy {result['boolq_accuracy']:.3f})"
+        )
+    print(
+        f"ours and baseline agree on {agree} of {subset_items} items; speedup "
+        f"{timings['baseline'] / timings['ours']:.1f}x; full run {full_seconds:.0f}s "
+        f"({'under' if full_seconds < TEN_MINUTES else 'OVER'} 10 minutes, load average {load_before:.1f} -> "
+        f"{load_after:.1f})"
+    )
     summary = {
         "benchmark": "core_eval",
         "depth": args.depth, "seq_len": args.seq_len, "window_pattern": args.window_pattern,

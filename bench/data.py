@@ -35,6 +35,7 @@ def ours(files, rank=0, world_size=1):
             documents += 1
             characters += len(text)
         return documents, characters
+
     return run
 
 
@@ -48,6 +49,7 @@ def baseline_parquet(files):
                     documents += 1
                     characters += len(text)
         return documents, characters
+
     return run
 
 
@@ -61,6 +63,7 @@ def baseline_jsonl(files):
                         documents += 1
                         characters += len(json.loads(line)["text"])
         return documents, characters
+
     return run
 
 
@@ -69,8 +72,9 @@ def chars_per_token(files) -> float:
 
     ranks = tiktoken.load.load_tiktoken_bpe(str(DATA.parent / "tokenizers/gpt2.tiktoken"))
     pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-    encoding = tiktoken.Encoding(name="gpt2", pat_str=pattern, mergeable_ranks=ranks,
-                                 special_tokens={"<|endoftext|>": 50256})
+    encoding = tiktoken.Encoding(
+        name="gpt2", pat_str=pattern, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256}
+    )
     sample = [t for t, _ in zip(iter_documents(files), range(2000))]
     texts = [t for t, _ in sample]
     return sum(map(len, texts)) / sum(len(ids) for ids in encoding.encode_ordinary_batch(texts))
@@ -91,23 +95,39 @@ def main() -> None:
         (base_documents, base_characters), base_s = timed(base_fn)
         # Rates are per rank: the text THIS rank receives per second. The baseline reads everything; for the
         # 8-rank case that is what a naive strided reader does (read all, keep every 8th document).
-        rows.append({
-            "case": name, "documents": documents, "MB_text": characters / 1e6,
-            "ours_s": ours_s, "baseline_s": base_s,
-            "ours_Mtok_per_s": characters / ratio / ours_s / 1e6,
-            "baseline_Mtok_per_s": characters / ratio / base_s / 1e6,
-            "ours_vs_baseline": base_s / ours_s,
-        })
+        rows.append(
+            {
+                "case": name,
+                "documents": documents,
+                "MB_text": characters / 1e6,
+                "ours_s": ours_s,
+                "baseline_s": base_s,
+                "ours_Mtok_per_s": characters / ratio / ours_s / 1e6,
+                "baseline_Mtok_per_s": characters / ratio / base_s / 1e6,
+                "ours_vs_baseline": base_s / ours_s,
+            }
+        )
         assert world_size > 1 or (documents, characters) == (base_documents, base_characters)
-    header = f"{'case':22} {'docs':>7} {'MB':>7} {'ours s':>7} {'base s':>7} {'ours Mtok/s':>11} " \
-             f"{'base Mtok/s':>11} {'speed ratio':>11}"
+    header = (
+        f"{'case':22} {'docs':>7} {'MB':>7} {'ours s':>7} {'base s':>7} {'ours Mtok/s':>11} "
+        f"{'base Mtok/s':>11} {'speed ratio':>11}"
+    )
     print(f"chars per GPT-2 token: {ratio:.2f}")
     print(header)
     for r in rows:
-        print(f"{r['case']:22} {r['documents']:>7} {r['MB_text']:>7.1f} {r['ours_s']:>7.3f} {r['baseline_s']:>7.3f} "
-              f"{r['ours_Mtok_per_s']:>11.2f} {r['baseline_Mtok_per_s']:>11.2f} {r['ours_vs_baseline']:>11.2f}")
-    print(json.dumps({"bench": "data_reading", "chars_per_token": round(ratio, 3), "rows": [
-        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]}))
+        print(
+            f"{r['case']:22} {r['documents']:>7} {r['MB_text']:>7.1f} {r['ours_s']:>7.3f} {r['baseline_s']:>7.3f} "
+            f"{r['ours_Mtok_per_s']:>11.2f} {r['baseline_Mtok_per_s']:>11.2f} {r['ours_vs_baseline']:>11.2f}"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "data_reading",
+                "chars_per_token": round(ratio, 3),
+                "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

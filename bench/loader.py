@@ -68,6 +68,7 @@ def get_tokenizer(choice: str | None, data_dir: Path, files: list[Path]) -> tupl
     run_tokenizer = resolve_run_dir() / "tokenizer"
     if (run_tokenizer / "tokenizer.json").is_file():
         return Tokenizer.load(run_tokenizer), str(run_tokenizer)
+
     # No tokenizer yet: train a 32K one on ~30M characters of the same shards (documents capped at 10K characters).
     def texts(limit: int = 30_000_000, cap: int = 10_000):
         total = 0
@@ -192,17 +193,28 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="tokenizer threads for ours (default min(4, cpus))")
     args = parser.parse_args()
 
-    data_dir = resolve_data_dir(args.data_dir or os.environ.get("PICOCHAT_DATA_DIR")
-                                or Path(__file__).resolve().parents[2] / "shared" / "data")
+    data_dir = resolve_data_dir(
+        args.data_dir or os.environ.get("PICOCHAT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
     files = training_files(data_dir)
     tokenizer, tokenizer_name = get_tokenizer(args.tokenizer, data_dir, files)
     B, T, bos = args.batch_size, args.seq_len, tokenizer.bos_token_id
-    print(f"{len(files)} files, tokenizer: {tokenizer_name} (vocab {tokenizer.vocab_size:,}), B={B}, T={T}, "
-          f"{os.cpu_count()} cpus, timing {args.batches} batches after {args.warmup}", file=sys.stderr)
+    print(
+        f"{len(files)} files, tokenizer: {tokenizer_name} (vocab {tokenizer.vocab_size:,}), B={B}, T={T}, "
+        f"{os.cpu_count()} cpus, timing {args.batches} batches after {args.warmup}",
+        file=sys.stderr,
+    )
 
     results = [
-        measure("ours", pretraining_batches(files, tokenizer, B, T, tokenizer_threads=args.threads), B, T, bos,
-                args.warmup, args.batches),
+        measure(
+            "ours",
+            pretraining_batches(files, tokenizer, B, T, tokenizer_threads=args.threads),
+            B,
+            T,
+            bos,
+            args.warmup,
+            args.batches,
+        ),
         measure("reference", reference_loader(files, tokenizer, B, T), B, T, bos, args.warmup, args.batches),
         measure("concat", concat_loader(files, tokenizer, B, T), B, T, bos, args.warmup, args.batches),
     ]

@@ -171,8 +171,13 @@ def main() -> None:
                 server.wait_ready()
                 asyncio.run(run_level(server.url, 1, 1, 8, seed_base=10**6))  # warm-up (not counted)
                 for clients in levels:
-                    row = {"server": name, "max_batch": max_batch, **asyncio.run(
-                        run_level(server.url, clients, args.requests, args.max_tokens, seed_base=1000 * clients))}
+                    row = {
+                        "server": name,
+                        "max_batch": max_batch,
+                        **asyncio.run(
+                            run_level(server.url, clients, args.requests, args.max_tokens, seed_base=1000 * clients)
+                        ),
+                    }
                     rows.append(row)
                     print(f"{name} (batch {max_batch}) {clients} clients: {row['tok_s']} tok/s, TTFT p50 "
                           f"{row['ttft_p50_ms']} ms p99 {row['ttft_p99_ms']} ms, {row['errors']} errors",

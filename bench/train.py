@@ -233,8 +233,9 @@ def main() -> None:
     print(print_table(rows, list(rows[0].keys())))
     for config_name, entry in summary["configs"].items():
         speed, memory, wall = (entry[f"{k}_vs_reference"] for k in ("speed", "memory", "short_run"))
-        print(f"{config_name}: ours vs reference-style: speed {speed:.2f}x, peak RSS {memory:.2f}x, "
-              f"short run {wall:.2f}x")
+        print(
+            f"{config_name}: ours vs reference-style: speed {speed:.2f}x, peak RSS {memory:.2f}x, short run {wall:.2f}x"
+        )
     if args.stage_vs:
         stage = compare_stage(args.stage_vs, args.tokenizer.resolve(), args.stage_steps)
         summary["pretraining_stage"] = stage

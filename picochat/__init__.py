@@ -72,8 +72,9 @@ def load_engine(
     return Engine(model, tokenizer, tool=tool_named(tool)), run_dir, stage_dir
 
 
-def load_for_evaluation(run: str | None, run_dir: str | os.PathLike | None, stage: str | None, step: int | None,
-                        device):
+def load_for_evaluation(
+    run: str | None, run_dir: str | os.PathLike | None, stage: str | None, step: int | None, device
+):
     """(run folder, stage name, step, model, tokenizer) for `picochat eval`: the model as training left it (its
     fp32 master weights, computing in the device's dtype), not converted for inference as load() does."""
     from picochat.checkpoint import find_stage_dir, latest_step, load_model
@@ -88,8 +89,10 @@ def load_for_evaluation(run: str | None, run_dir: str | os.PathLike | None, stag
     step = step if step is not None else latest_step(stage_dir)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     if tokenizer.vocab_size != model.config.vocab_size:
-        raise PicochatError(f"{run_dir / 'tokenizer'}: vocabulary of {tokenizer.vocab_size} tokens, but the model in "
-                            f"{stage_dir} has {model.config.vocab_size}")
+        raise PicochatError(
+            f"{run_dir / 'tokenizer'}: vocabulary of {tokenizer.vocab_size} tokens, but the model in "
+            f"{stage_dir} has {model.config.vocab_size}"
+        )
     log(f"evaluating {stage_dir} at step {step if step is not None else '(latest weights)'} on {device}")
     return run_dir, stage_dir.name, step, model, tokenizer
 

@@ -179,9 +179,14 @@ class PretrainingStream:
 
     def state_dict(self) -> dict[str, Any]:
         tokens, lengths = _flatten([*self.buffer.items, *self.queue], np.int32)  # one copy per stream and batch
-        return {"stream": self.stream, "next_document_index": self.next_document_index,
-                "stats": self.stats.counters(), "tokens": tokens, "lengths": lengths,
-                "buffered": len(self.buffer)}  # the first `buffered` documents are the buffer, the rest the queue
+        return {
+            "stream": self.stream,
+            "next_document_index": self.next_document_index,
+            "stats": self.stats.counters(),
+            "tokens": tokens,
+            "lengths": lengths,
+            "buffered": len(self.buffer),
+        }  # the first `buffered` documents are the buffer, the rest the queue
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         documents = _unflatten(state["tokens"], state["lengths"], np.int32)
@@ -194,8 +199,9 @@ class PretrainingStream:
         self.stats = PackingStats.from_dict(state["stats"])
 
 
-def tokenize_documents(tokenizer: Any, texts: list[str], row_capacity: int, num_threads: int = 1
-                       ) -> list[tuple[np.ndarray, int]]:
+def tokenize_documents(
+    tokenizer: Any, texts: list[str], row_capacity: int, num_threads: int = 1
+) -> list[tuple[np.ndarray, int]]:
     """(token ids with BOS first, characters left untokenized) for each text.
 
     A document longer than a row is only ever cropped to at most a row, so tokenizing all of it (a whole book)
@@ -208,8 +214,9 @@ def tokenize_documents(tokenizer: Any, texts: list[str], row_capacity: int, num_
     redo = [k for k, ids in enumerate(token_lists) if len(texts[k]) > head_characters and len(ids) <= row_capacity + 1]
     for k, ids in zip(redo, _encode_with_bos(tokenizer, [texts[k] for k in redo], num_threads)):
         token_lists[k], heads[k] = ids, texts[k]
-    return [(np.array(ids, dtype=np.int32), len(text) - len(head))
-            for ids, text, head in zip(token_lists, texts, heads)]
+    return [
+        (np.array(ids, dtype=np.int32), len(text) - len(head)) for ids, text, head in zip(token_lists, texts, heads)
+    ]
 
 
 def _encode_with_bos(tokenizer: Any, texts: list[str], num_threads: int) -> list[list[int]]:
@@ -226,8 +233,11 @@ def _encode_with_bos(tokenizer: Any, texts: list[str], num_threads: int) -> list
         return encode_slice(texts)
     size = -(-len(texts) // num_threads)
     with ThreadPoolExecutor(num_threads) as pool:
-        return [ids for part in pool.map(encode_slice, [texts[i : i + size] for i in range(0, len(texts), size)])
-                for ids in part]
+        return [
+            ids
+            for part in pool.map(encode_slice, [texts[i : i + size] for i in range(0, len(texts), size)])
+            for ids in part
+        ]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,8 +252,16 @@ class SFTStream:
     (ids int32, mask uint8, truncated) of conversation `position`, cut to one row.
     """
 
-    def __init__(self, stream: int, num_streams: int, buffer_size: int, render: Callable, num_conversations: int,
-                 loop: bool, bos: int) -> None:
+    def __init__(
+        self,
+        stream: int,
+        num_streams: int,
+        buffer_size: int,
+        render: Callable,
+        num_conversations: int,
+        loop: bool,
+        bos: int,
+    ) -> None:
         self.stream, self.num_streams, self.buffer_size = stream, num_streams, buffer_size
         self.render, self.num_conversations, self.loop, self.bos = render, num_conversations, loop, bos
         self.buffer = LengthSortedBuffer()  # items: (ids, mask)
@@ -299,8 +317,14 @@ class SFTStream:
     def state_dict(self) -> dict[str, Any]:
         ids, lengths = _flatten([ids for ids, _ in self.buffer.items], np.int32)
         mask, _ = _flatten([mask for _, mask in self.buffer.items], np.uint8)
-        return {"stream": self.stream, "next_index": self.next_index, "stats": self.stats.counters(),
-                "tokens": ids, "mask": mask, "lengths": lengths}
+        return {
+            "stream": self.stream,
+            "next_index": self.next_index,
+            "stats": self.stats.counters(),
+            "tokens": ids,
+            "mask": mask,
+            "lengths": lengths,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         all_ids = _unflatten(state["tokens"], state["lengths"], np.int32)

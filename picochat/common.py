@@ -84,9 +84,15 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """What every training stage takes besides its settings: where the run is, the data, --resume and --device."""
     add_run_arguments(parser)
     parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
-    parser.add_argument("--resume", nargs="?", const="latest", type=resume_step, metavar="STEP",
-                        help="continue from the latest checkpoint (or from STEP), exactly; flags not given again are "
-                             "taken from the run's config.json")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        type=resume_step,
+        metavar="STEP",
+        help="continue from the latest checkpoint (or from STEP), exactly; flags not given again are "
+        "taken from the run's config.json",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
 
 

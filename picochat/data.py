@@ -236,8 +236,9 @@ class FileSummary:
     size_bytes: int
 
 
-def summarize_file(path: str | os.PathLike, text_format: TextFormat = DEFAULT_TEXT_FORMAT, *,
-                   count_characters: bool = True) -> FileSummary:
+def summarize_file(
+    path: str | os.PathLike, text_format: TextFormat = DEFAULT_TEXT_FORMAT, *, count_characters: bool = True
+) -> FileSummary:
     """Documents / characters / size of one file, cheaply: a parquet file's document count comes from its
     footer (instant) and its characters from a vectorized count over the column; jsonl / txt are read."""
     path = Path(path)
@@ -257,8 +258,9 @@ def summarize_file(path: str | os.PathLike, text_format: TextFormat = DEFAULT_TE
             for row_group in range(metadata.num_row_groups):
                 row = 0
                 try:
-                    for batch in parquet_file.iter_batches(batch_size=8192, row_groups=[row_group],
-                                                           columns=[text_format.text_column]):
+                    for batch in parquet_file.iter_batches(
+                        batch_size=8192, row_groups=[row_group], columns=[text_format.text_column]
+                    ):
                         column = check_parquet_batch(batch.column(0), path, row_group, row, text_format)
                         characters += pc.sum(pc.utf8_length(column)).as_py() or 0
                         row += len(column)

@@ -56,9 +56,7 @@ class RemoteDataset:
 # The two standard sets (REFERENCE.md A.5). A plain table, looked up by name.
 DATASETS = {
     "climbmix": RemoteDataset("climbmix", "karpathy/climbmix-400b-shuffle", num_shards=6543, val_shard=6542),
-    "fineweb-edu": RemoteDataset(
-        "fineweb-edu", "karpathy/fineweb-edu-100b-shuffle", num_shards=1823, val_shard=None
-    ),
+    "fineweb-edu": RemoteDataset("fineweb-edu", "karpathy/fineweb-edu-100b-shuffle", num_shards=1823, val_shard=None),
 }
 
 
@@ -129,8 +127,7 @@ def plan_downloads(
         remote = DATASETS.get(dataset or "")
         if remote is None:
             raise PicochatError(
-                f"--dataset {dataset!r}: unknown; expected one of {', '.join(DATASETS)} "
-                "(or give --url-template)"
+                f"--dataset {dataset!r}: unknown; expected one of {', '.join(DATASETS)} (or give --url-template)"
             )
     limit = None
     if remote is not None:
@@ -226,8 +223,14 @@ def sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fetch_once(url: str, part: Path, timeout: float, on_bytes: Callable[[int], None],
-                on_total: Callable[[int], None], cancel: threading.Event) -> None:
+def _fetch_once(
+    url: str,
+    part: Path,
+    timeout: float,
+    on_bytes: Callable[[int], None],
+    on_total: Callable[[int], None],
+    cancel: threading.Event,
+) -> None:
     """One attempt: fetch `url` into `part`, continuing an existing .part with a Range request. Raises
     _RetryableError on transient failures, PicochatError on final ones."""
     have = part.stat().st_size if part.exists() else 0
@@ -394,8 +397,14 @@ def download_files(
     def fetch(download: Download) -> DownloadResult:
         expected = sha256_manifest.get(download.filename) if sha256_manifest else None
         result = download_file(
-            download.url, dest / download.filename, expected_sha256=expected, retries=retries,
-            retry_base_delay=retry_base_delay, timeout=timeout, on_bytes=on_bytes, on_total=on_total,
+            download.url,
+            dest / download.filename,
+            expected_sha256=expected,
+            retries=retries,
+            retry_base_delay=retry_base_delay,
+            timeout=timeout,
+            on_bytes=on_bytes,
+            on_total=on_total,
             cancel=cancel,
         )
         if result.status == "downloaded":

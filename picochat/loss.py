@@ -113,4 +113,3 @@ def softcapped_cross_entropy(
     if reduction == "sum":
         return total
     return total / (flat_targets >= 0).sum()  # mean over the counted targets (NaN if none, like F.cross_entropy)
-

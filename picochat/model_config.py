@@ -140,7 +140,6 @@ class GPTConfig:
             raise PicochatError(f"{source}: {error}") from None
 
 
-
 def short_window(sequence_len: int) -> int:
     """The S window: a quarter of the context rounded up to a multiple of 128 (2048 -> 512)."""
     return math.ceil(math.ceil(sequence_len / 4) / 128) * 128
@@ -155,4 +154,3 @@ def window_sizes(config: GPTConfig) -> list[int]:
     sizes = [short if pattern[i % len(pattern)] == "S" else long for i in range(config.n_layer)]
     sizes[-1] = long
     return sizes
-

@@ -172,8 +172,9 @@ def adamw_step(
         param.copy_(weights)
 
 
-def fused_adamw_step(param, grad, exp_avg, exp_avg_sq, step, *, lr: float, betas: tuple[float, float], eps: float,
-                     weight_decay: float) -> None:
+def fused_adamw_step(
+    param, grad, exp_avg, exp_avg_sq, step, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+) -> None:
     """adamw_step's math in one pass over the memory (PyTorch's fused AdamW kernel; fp32 params only).
 
     Uncompiled, adamw_step runs each of its ~12 operations as a separate pass over the embeddings and the lm_head,

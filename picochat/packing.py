@@ -70,8 +70,15 @@ def _check_positive_int(name: str, value: Any, example: str = "") -> int:
     return value
 
 
-def _check_layout(batch_size: Any, seq_len: Any, rank: Any, world_size: Any, num_streams: Any, buffer_size: Any,
-                  default_buffer: tuple[int, int]) -> tuple[int, int]:
+def _check_layout(
+    batch_size: Any,
+    seq_len: Any,
+    rank: Any,
+    world_size: Any,
+    num_streams: Any,
+    buffer_size: Any,
+    default_buffer: tuple[int, int],
+) -> tuple[int, int]:
     """Validate the shape arguments; returns (num_streams, buffer_size) with their defaults filled in."""
     _check_positive_int("batch_size", batch_size, " (rows per batch, e.g. 32)")
     _check_positive_int("seq_len", seq_len, " (tokens per row, e.g. 2048)")
@@ -82,9 +89,11 @@ def _check_layout(batch_size: Any, seq_len: Any, rank: Any, world_size: Any, num
     num_streams = unit if num_streams is None else num_streams
     if num_streams != unit:
         # One accumulation story: the trainer runs a loader per micro-step, as a virtual rank (see trainer.py).
-        raise PicochatError(f"num_streams={num_streams} (rows per optimizer step) must be batch_size x world_size = "
-                            f"{batch_size} x {world_size} = {unit}; to accumulate, make one loader per micro-step "
-                            "with world_size x accumulation ranks")
+        raise PicochatError(
+            f"num_streams={num_streams} (rows per optimizer step) must be batch_size x world_size = "
+            f"{batch_size} x {world_size} = {unit}; to accumulate, make one loader per micro-step "
+            "with world_size x accumulation ranks"
+        )
     budget, floor = default_buffer
     buffer_size = max(floor, budget // num_streams) if buffer_size is None else buffer_size
     _check_positive_int("buffer_size", buffer_size, " (documents buffered per stream)")
@@ -111,8 +120,9 @@ def _to_device(inputs: np.ndarray, targets: np.ndarray, device: torch.device) ->
     return staging[0], staging[1]
 
 
-def _batches(streams: list, make_batch: Callable, header: dict[str, Any],
-             more_state: Callable[[], dict[str, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+def _batches(
+    streams: list, make_batch: Callable, header: dict[str, Any], more_state: Callable[[], dict[str, Any]]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
     """The loop both loaders share: a batch is one row of each of this rank's streams, and comes with the state to
     continue exactly after it. Ends when make_batch finds no data left (None)."""
     while True:
@@ -133,8 +143,10 @@ def _restore(state: Any, header: dict[str, Any], streams: list) -> None:
         raise PicochatError("loader state: expected the state dict yielded by the loader (with a 'streams' list)")
     for key, value in header.items():
         if state.get(key) != value:
-            raise PicochatError(f"loader state: it was saved with {key}={state.get(key)!r} but this loader has "
-                                f"{key}={value!r}; resume with the same {key} (or start without the state)")
+            raise PicochatError(
+                f"loader state: it was saved with {key}={state.get(key)!r} but this loader has "
+                f"{key}={value!r}; resume with the same {key} (or start without the state)"
+            )
     try:
         saved = {int(entry["stream"]): entry for entry in state["streams"]}
     except (KeyError, TypeError, ValueError):
@@ -198,16 +210,28 @@ def pretraining_batches(
     when the documents run out. state: one yielded earlier (or merge_loader_states of all ranks' states), to
     continue exactly. tokenizer_threads (default min(4, cpus)) tokenize tokenizer_batch_size documents at a time.
     """
-    num_streams, buffer_size = _check_layout(batch_size, seq_len, rank, world_size, num_streams, buffer_size,
-                                             (PRETRAINING_BUFFER_DOCUMENTS, PRETRAINING_MIN_BUFFER))
+    num_streams, buffer_size = _check_layout(
+        batch_size,
+        seq_len,
+        rank,
+        world_size,
+        num_streams,
+        buffer_size,
+        (PRETRAINING_BUFFER_DOCUMENTS, PRETRAINING_MIN_BUFFER),
+    )
     tokenizer_threads = _check_positive_int("tokenizer_threads", tokenizer_threads or min(4, os.cpu_count() or 1))
     _check_positive_int("tokenizer_batch_size", tokenizer_batch_size)
     paths, text_format, device = find_text_files(files), text_format or TextFormat(), _device(device)
     row_capacity = seq_len + 1
     streams = [PretrainingStream(s, buffer_size, row_capacity) for s in owned_streams(rank, world_size, num_streams)]
     by_id = {stream.stream: stream for stream in streams}
-    header = {"format": PRETRAINING_FORMAT, "version": 1, "num_streams": num_streams, "seq_len": seq_len,
-              "buffer_size": buffer_size}
+    header = {
+        "format": PRETRAINING_FORMAT,
+        "version": 1,
+        "num_streams": num_streams,
+        "seq_len": seq_len,
+        "buffer_size": buffer_size,
+    }
     cursor = None
     if state is not None:
         _restore(state, header, streams)
@@ -220,8 +244,9 @@ def pretraining_batches(
         nonlocal documents, cursor
         if documents is None:
             start = Cursor.from_dict(cursor) if cursor else None
-            documents = iter_documents(paths, text_format=text_format, start=start, rank=rank,
-                                       world_size=world_size, loop=loop)
+            documents = iter_documents(
+                paths, text_format=text_format, start=start, rank=rank, world_size=world_size, loop=loop
+            )
         texts, indices, last = [], [], None
         for text, last in documents:
             index = last.document_index - 1  # the cursor after a document counts the documents up to it
@@ -233,8 +258,9 @@ def pretraining_batches(
                     break
         if last is not None:
             cursor = last.to_dict()
-        for index, (ids, skipped) in zip(indices, tokenize_documents(tokenizer, texts, row_capacity,
-                                                                     tokenizer_threads)):
+        for index, (ids, skipped) in zip(
+            indices, tokenize_documents(tokenizer, texts, row_capacity, tokenizer_threads)
+        ):
             by_id[index % num_streams].receive(ids, index, skipped)
         return bool(texts)
 
@@ -287,10 +313,13 @@ def sft_batches(
     counted). Whole conversations are best-fit into rows, the rest of a row is BOS padding. loop=False: one pass,
     ending when one of this rank's streams runs out (the trainer should all-reduce "done" so ranks stop together).
     """
-    num_streams, buffer_size = _check_layout(batch_size, seq_len, rank, world_size, num_streams, buffer_size,
-                                             (SFT_BUFFER_CONVERSATIONS, SFT_MIN_BUFFER))
-    if isinstance(conversations, (str, bytes, dict)) or not hasattr(conversations, "__getitem__") or not hasattr(
-        conversations, "__len__"
+    num_streams, buffer_size = _check_layout(
+        batch_size, seq_len, rank, world_size, num_streams, buffer_size, (SFT_BUFFER_CONVERSATIONS, SFT_MIN_BUFFER)
+    )
+    if (
+        isinstance(conversations, (str, bytes, dict))
+        or not hasattr(conversations, "__getitem__")
+        or not hasattr(conversations, "__len__")
     ):
         raise PicochatError(
             f"conversations must be an indexable sequence (a list, a task), got {type(conversations).__name__}"
@@ -304,13 +333,24 @@ def sft_batches(
             ids, mask = tokenizer.render_conversation(conversations[position], max_tokens=row_capacity + 1)
         except PicochatError as error:
             raise PicochatError(f"conversation {position}: {error}") from None
-        return (np.array(ids[:row_capacity], dtype=np.int32), np.array(mask[:row_capacity], dtype=np.uint8),
-                len(ids) > row_capacity)
+        return (
+            np.array(ids[:row_capacity], dtype=np.int32),
+            np.array(mask[:row_capacity], dtype=np.uint8),
+            len(ids) > row_capacity,
+        )
 
-    streams = [SFTStream(s, num_streams, buffer_size, render, num_conversations, loop, tokenizer.bos_token_id)
-               for s in owned_streams(rank, world_size, num_streams)]
-    header = {"format": SFT_FORMAT, "version": 1, "num_streams": num_streams, "seq_len": seq_len,
-              "buffer_size": buffer_size, "num_conversations": num_conversations}
+    streams = [
+        SFTStream(s, num_streams, buffer_size, render, num_conversations, loop, tokenizer.bos_token_id)
+        for s in owned_streams(rank, world_size, num_streams)
+    ]
+    header = {
+        "format": SFT_FORMAT,
+        "version": 1,
+        "num_streams": num_streams,
+        "seq_len": seq_len,
+        "buffer_size": buffer_size,
+        "num_conversations": num_conversations,
+    }
     if state is not None:
         _restore(state, header, streams)
     ids = np.empty((batch_size, row_capacity), dtype=np.int32)  # reused: each batch is copied out of it

@@ -151,8 +151,14 @@ def plan_stages(preset: Preset, run_dir: Path, data_dir: Path) -> list[Stage]:
         pretrain = ["pretrain", *where, "--resume"]
     else:
         # A huge --sample-every: greedy samples at the end only (they go into the report).
-        pretrain = ["pretrain", *where, *data, *argv(*p.stage_settings(PretrainSettings)), "--sample-every",
-                    str(1 << 30)]
+        pretrain = [
+            "pretrain",
+            *where,
+            *data,
+            *argv(*p.stage_settings(PretrainSettings)),
+            "--sample-every",
+            str(1 << 30),
+        ]
     stages.append(Stage("pretrain", pretrain, distributed=True))
 
     stages.append(Stage("base-bpb", ["eval", "bpb", *where, *data, "--stage", "base", "--tokens", str(p.bpb_tokens)],
@@ -165,8 +171,18 @@ def plan_stages(preset: Preset, run_dir: Path, data_dir: Path) -> list[Stage]:
     if latest_checkpoint(run_dir / "sft"):
         sft = ["sft", *where, *data, "--resume"]
     else:
-        sft = ["sft", *where, *data, "--source", "base", *argv(*p.stage_settings(SFTSettings)),
-               "--save-every", str(p.save_every or 1 << 30), "--eval-every", str(p.eval_every)]
+        sft = [
+            "sft",
+            *where,
+            *data,
+            "--source",
+            "base",
+            *argv(*p.stage_settings(SFTSettings)),
+            "--save-every",
+            str(p.save_every or 1 << 30),
+            "--eval-every",
+            str(p.eval_every),
+        ]
     stages.append(Stage("sft", sft, distributed=True))
     stages.append(Stage("sft-eval", _chat_eval(where, data, "sft", p.chat_eval_tasks, p), distributed=True))
 
@@ -323,8 +339,11 @@ def run_pipeline(preset: Preset, preset_name: str, run_dir: Path, data_dir: Path
                         background.terminate()
                     return status
             first_shards = preset.tokenizer_shards or preset.download_shards
-            if (stage.name == "download" and preset.download_shards > first_shards
-                    and not stage_complete("download-rest", run_dir, preset, state)):
+            if (
+                stage.name == "download"
+                and preset.download_shards > first_shards
+                and not stage_complete("download-rest", run_dir, preset, state)
+            ):
                 background = _start_background_download(preset, data_dir, run_dir, lock_fd)
         log(f"pipeline finished in {_minutes(time.perf_counter() - started)} (this invocation)")
         return 0

@@ -52,8 +52,16 @@ def passed_to(settings_class: type, name: str) -> Any:
     if declared.default is None:
         parse = _optional(parse)
     metavar = "TEXT" if declared.metadata["parse"] in (nonempty_text, str) else "N"
-    return field(default=declared.default, metadata={"help": declared.metadata["help"], "parse": parse,
-                                                     "metavar": metavar, "stage": settings_class, "name": name})
+    return field(
+        default=declared.default,
+        metadata={
+            "help": declared.metadata["help"],
+            "parse": parse,
+            "metavar": metavar,
+            "stage": settings_class,
+            "name": name,
+        },
+    )
 
 
 @dataclass(frozen=True, kw_only=True)  # keywords only: fields passed to a stage have its defaults
@@ -113,8 +121,9 @@ class Preset:
     def stage_settings(self, settings_class: type) -> tuple[Any, list[str]]:
         """(settings of that stage with this preset's values, the names this preset sets): what `picochat run`
         passes to the stage (settings.argv)."""
-        values = {f.metadata["name"]: getattr(self, f.name) for f in fields(self)
-                  if f.metadata.get("stage") is settings_class}
+        values = {
+            f.metadata["name"]: getattr(self, f.name) for f in fields(self) if f.metadata.get("stage") is settings_class
+        }
         return settings_class(**values), list(values)
 
 

@@ -57,9 +57,7 @@ class TextFormat:
         if not self.text_column:
             raise PicochatError("--text-column: expected a non-empty column / field name")
         if self.txt_delimiter is not None and not self.txt_delimiter:
-            raise PicochatError(
-                "--txt-delimiter: expected a non-empty string (omit it for one document per file)"
-            )
+            raise PicochatError("--txt-delimiter: expected a non-empty string (omit it for one document per file)")
         if self.max_document_bytes < 1:
             raise PicochatError(f"--max-document-bytes: expected a size >= 1, got {self.max_document_bytes}")
 
@@ -153,8 +151,13 @@ def check_parquet_batch(column, path: Path, row_group: int, first_row: int, text
 
 
 def _parquet_chunks(
-    path: Path, text_format: TextFormat, start_row_group: int, start_row: int,
-    document_index: int, rank: int, world_size: int,
+    path: Path,
+    text_format: TextFormat,
+    start_row_group: int,
+    start_row: int,
+    document_index: int,
+    rank: int,
+    world_size: int,
 ) -> Iterator[Chunk]:
     import pyarrow as pa
 
@@ -323,8 +326,7 @@ def _jsonl_text(path: Path, line_number: int, raw: bytes, decode: _Utf8Decoder, 
     if field not in record:
         present = ", ".join(map(str, record)) or "none"
         raise PicochatError(
-            f"{path}:{line_number}: no field {field!r} (fields present: {present}); "
-            "choose one with --text-column"
+            f"{path}:{line_number}: no field {field!r} (fields present: {present}); choose one with --text-column"
         )
     text = record[field]
     if not isinstance(text, str):
@@ -341,8 +343,13 @@ def _jsonl_text(path: Path, line_number: int, raw: bytes, decode: _Utf8Decoder, 
 
 
 def _record_chunks(
-    path: Path, text_format: TextFormat, start_row_group: int, start_row: int,
-    document_index: int, rank: int, world_size: int,
+    path: Path,
+    text_format: TextFormat,
+    start_row_group: int,
+    start_row: int,
+    document_index: int,
+    rank: int,
+    world_size: int,
 ) -> Iterator[Chunk]:
     """Chunks of a jsonl / txt file. Records before the resume position are counted, never parsed."""
     is_jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
@@ -394,13 +401,19 @@ def _record_chunks(
     finally:
         if decode.bad_documents:
             warn(
-                f"{path}: {decode.bad_documents} document(s) had invalid UTF-8; "
-                "the bad bytes were replaced with U+FFFD"
+                f"{path}: {decode.bad_documents} document(s) had invalid UTF-8; the bad bytes were replaced with U+FFFD"
             )
 
 
-def file_chunks(path: Path, text_format: TextFormat, start_row_group: int, start_row: int,
-                 document_index: int, rank: int, world_size: int) -> Iterator[Chunk]:
+def file_chunks(
+    path: Path,
+    text_format: TextFormat,
+    start_row_group: int,
+    start_row: int,
+    document_index: int,
+    rank: int,
+    world_size: int,
+) -> Iterator[Chunk]:
     if not has_supported_suffix(path.name):
         raise unsupported_file_error(path)
     reader = _parquet_chunks if path.name.endswith(".parquet") else _record_chunks

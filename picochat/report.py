@@ -205,8 +205,12 @@ def git_info(folder: Path) -> dict[str, str]:
     if commit is None:
         return {}
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"branch": git("rev-parse", "--abbrev-ref", "HEAD") or "?", "commit": commit,
-            "dirty": "yes" if status else "no", "message": git("log", "-1", "--format=%s") or ""}
+    return {
+        "branch": git("rev-parse", "--abbrev-ref", "HEAD") or "?",
+        "commit": commit,
+        "dirty": "yes" if status else "no",
+        "message": git("log", "-1", "--format=%s") or "",
+    }
 
 
 def system_info() -> dict[str, str]:
@@ -264,8 +268,15 @@ def plot_curves(series: dict[str, tuple[list[float], list[float]]], title: str, 
     axes = figure.subplots()
     for label, (steps, values) in series.items():
         faint = label.endswith("(raw)")  # raw training loss under its smoothed curve
-        axes.plot(steps, values, label=label, linewidth=1.0 if faint else 1.6, alpha=0.45 if faint else 1.0,
-                  marker="o" if len(steps) <= 30 else None, markersize=3)
+        axes.plot(
+            steps,
+            values,
+            label=label,
+            linewidth=1.0 if faint else 1.6,
+            alpha=0.45 if faint else 1.0,
+            marker="o" if len(steps) <= 30 else None,
+            markersize=3,
+        )
     axes.set_title(title)
     axes.set_xlabel("step")
     axes.set_ylabel(ylabel)
@@ -351,8 +362,12 @@ def build_report(run_dir: str | os.PathLike, *, hourly_cost_usd: float | None = 
     if not stages and not evals and not (run_dir / "tokenizer").is_dir():
         raise PicochatError(f"{run_dir}: nothing to report (no tokenizer/, stage folders or eval/ results)")
 
-    out = [f"# picochat report card: {run_dir.name}", "",
-           f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from the files in `{run_dir}`.", ""]
+    out = [
+        f"# picochat report card: {run_dir.name}",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from the files in `{run_dir}`.",
+        "",
+    ]
 
     out += ["## Environment", ""]
     from picochat import __version__
@@ -384,8 +399,11 @@ def build_report(run_dir: str | os.PathLike, *, hourly_cost_usd: float | None = 
         price, _ = hourly_cost(summary, hourly_cost_usd)
         if price is not None and summary.wall_seconds is not None:
             costs.append(price * summary.wall_seconds / 3600)
-    out += [f"Training time {_duration(total_training)}, wall time {_duration(total_wall)} over "
-            f"{len(stages)} stage(s)" + (f", estimated cost ${sum(costs):.2f}." if costs else "."), ""]
+    out += [
+        f"Training time {_duration(total_training)}, wall time {_duration(total_wall)} over "
+        f"{len(stages)} stage(s)" + (f", estimated cost ${sum(costs):.2f}." if costs else "."),
+        "",
+    ]
 
     out += _pipeline_section(run_dir)
     plotted = _write_plots(run_dir, stages)
@@ -415,8 +433,13 @@ def _pipeline_section(run_dir: Path) -> list[str]:
         seconds = _number(info.get("seconds"))
         total += seconds or 0.0
         rows.append([name, info.get("status", "-"), _duration(seconds)])
-    out = ["## Pipeline", "", f"`picochat run --preset {state.get('preset', '?')}`: wall time of each stage "
-           "(added up over interrupted attempts).", ""]
+    out = [
+        "## Pipeline",
+        "",
+        f"`picochat run --preset {state.get('preset', '?')}`: wall time of each stage "
+        "(added up over interrupted attempts).",
+        "",
+    ]
     out += [markdown_table(["stage", "status", "wall time"], rows + [["total", "", _duration(total)]]), ""]
     return out
 
@@ -435,16 +458,23 @@ def _tokenizer_section(run_dir: Path) -> list[str]:
         sources = results.get("sources") if isinstance(results, dict) else None
         if isinstance(sources, list) and sources and all(isinstance(s, dict) for s in sources):
             header = list(sources[0].keys())
-            out += ["Compression (bytes per token, higher is better):", "",
-                    markdown_table(header, [[s.get(k, "-") for k in header] for s in sources]), ""]
+            out += [
+                "Compression (bytes per token, higher is better):",
+                "",
+                markdown_table(header, [[s.get(k, "-") for k in header] for s in sources]),
+                "",
+            ]
     return out
 
 
 def _write_plots(run_dir: Path, stages: dict[str, StageSummary]) -> set[str]:
     """report/loss.png and report/bpb.png from the stages' metrics; a plot without data is removed."""
     series = {
-        "loss": {f"{name} ({kind})": curve(s.events, (key,), "train") for name, s in stages.items()
-                 for key, kind in (("loss", "raw"), ("smooth_loss", "smoothed"))},
+        "loss": {
+            f"{name} ({kind})": curve(s.events, (key,), "train")
+            for name, s in stages.items()
+            for key, kind in (("loss", "raw"), ("smooth_loss", "smoothed"))
+        },
         "bpb": {name: curve(s.events, ("val_bpb", "bpb"), "eval") for name, s in stages.items()},
     }
     written = set()
@@ -479,20 +509,35 @@ def _stage_section(run_dir: Path, summary: StageSummary, title: str, hourly_cost
     out += [markdown_table(["", ""], facts), ""]
     if summary.config:
         settings = flatten(summary.config)
-        out += [f"<details><summary>configuration ({len(settings)} settings, from {summary.name}/config.json)"
-                "</summary>", "", markdown_table(["setting", "value"], [list(kv) for kv in settings]), "",
-                "</details>", ""]
+        out += [
+            f"<details><summary>configuration ({len(settings)} settings, from {summary.name}/config.json)</summary>",
+            "",
+            markdown_table(["setting", "value"], [list(kv) for kv in settings]),
+            "",
+            "</details>",
+            "",
+        ]
     core = latest_eval_document(run_dir, "core", summary.name)
     if core and isinstance(core.get("tasks"), dict):
-        rows = [[label, t.get("num_fewshot", "-"), t.get("examples", "-"), t.get("accuracy", "-"),
-                 t.get("centered", "-")] for label, t in core["tasks"].items() if isinstance(t, dict)]
-        out += [f"{core.get('metric', 'CORE')} = {_cell(_number(core.get('core')) or 0.0)} at step "
-                f"{core.get('step')} ({core.get('tasks_evaluated', len(rows))} of 22 tasks):", "",
-                markdown_table(["task", "shots", "items", "accuracy", "centered"], rows), ""]
+        rows = [
+            [label, t.get("num_fewshot", "-"), t.get("examples", "-"), t.get("accuracy", "-"), t.get("centered", "-")]
+            for label, t in core["tasks"].items()
+            if isinstance(t, dict)
+        ]
+        out += [
+            f"{core.get('metric', 'CORE')} = {_cell(_number(core.get('core')) or 0.0)} at step "
+            f"{core.get('step')} ({core.get('tasks_evaluated', len(rows))} of 22 tasks):",
+            "",
+            markdown_table(["task", "shots", "items", "accuracy", "centered"], rows),
+            "",
+        ]
     bpb = latest_eval_document(run_dir, "bpb", summary.name)
     if bpb and isinstance(bpb.get("splits"), dict):
-        rows = [[split, r.get("bpb", "-"), r.get("tokens", "-")] for split, r in bpb["splits"].items()
-                if isinstance(r, dict)]
+        rows = [
+            [split, r.get("bpb", "-"), r.get("tokens", "-")]
+            for split, r in bpb["splits"].items()
+            if isinstance(r, dict)
+        ]
         out += [f"Bits per byte at step {bpb.get('step')}:", "", markdown_table(["split", "bpb", "tokens"], rows), ""]
     if summary.samples:
         text = "\n".join(f"{prompt!r} -> {completion!r}" for prompt, completion in summary.samples)

@@ -60,16 +60,28 @@ def completion_text(tokenizer, completion: Completion) -> str:
     return tokenizer.decode(completion.tokens)
 
 
-def sample_rollout(engine, task, index: int, *, num_samples: int, max_new_tokens: int, temperature: float,
-                   top_k: int | None, device_batch_size: int, seed_parts: tuple[int, ...]) -> Rollout:
+def sample_rollout(
+    engine,
+    task,
+    index: int,
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    device_batch_size: int,
+    seed_parts: tuple[int, ...],
+) -> Rollout:
     """num_samples completions of question `index` of `task`, in passes of at most device_batch_size rows, each
     with a seed from (seed_parts, pass); rewards from task.reward."""
     conversation = task[index]
     prompt = engine.tokenizer.render_for_completion(conversation)
     room = engine.context_len - len(prompt)
     if room < 1:
-        raise PicochatError(f"{task.name} question {index}: its prompt of {len(prompt)} tokens fills the model's "
-                            f"context of {engine.context_len} tokens; RL needs a model with a longer context")
+        raise PicochatError(
+            f"{task.name} question {index}: its prompt of {len(prompt)} tokens fills the model's "
+            f"context of {engine.context_len} tokens; RL needs a model with a longer context"
+        )
     max_new_tokens = min(max_new_tokens, room)
     completions: list[Completion] = []
     for start in range(0, num_samples, device_batch_size):
@@ -106,8 +118,9 @@ def rollout_tensors(rollout: Rollout, stop_token: int, pad_token: int, device: t
     return inputs.to(device), targets.to(device), advantages.to(device)
 
 
-def policy_gradient_loss(model, inputs: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
-                         normaliser: float) -> tuple[torch.Tensor, int]:
+def policy_gradient_loss(
+    model, inputs: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor, normaliser: float
+) -> tuple[torch.Tensor, int]:
     """-sum over sampled tokens of advantage x log p(token) / normaliser; and the number of sampled tokens.
     The model's per-token cross-entropy (loss_reduction="none") is -log p, 0 where the target is -1."""
     token_losses = model(inputs, targets, loss_reduction="none")  # (B, T) = -log p, 0 at ignored positions

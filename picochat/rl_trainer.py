@@ -29,10 +29,22 @@ from picochat.stage_loop import StageLoop
 class RLTrainer(StageLoop):
     """settings: the stage's RLSettings (picochat/settings.py); fixed: the names a resume must keep."""
 
-    def __init__(self, model, optimizer, tokenizer, train_task, test_task, settings: Any, num_steps: int, *,
-                 fixed: tuple[str, ...], **loop_options: Any):
-        super().__init__(model, optimizer, resume_settings={name: getattr(settings, name) for name in fixed},
-                         **loop_options)
+    def __init__(
+        self,
+        model,
+        optimizer,
+        tokenizer,
+        train_task,
+        test_task,
+        settings: Any,
+        num_steps: int,
+        *,
+        fixed: tuple[str, ...],
+        **loop_options: Any,
+    ):
+        super().__init__(
+            model, optimizer, resume_settings={name: getattr(settings, name) for name in fixed}, **loop_options
+        )
         self.tokenizer, self.train_task, self.test_task = tokenizer, train_task, test_task
         self.settings, self.num_steps = settings, num_steps
         self.top_k = settings.top_k or None
@@ -69,8 +81,10 @@ class RLTrainer(StageLoop):
                     break
                 event = self._train_step()
                 self._write_metrics(event)
-                log(f"step {self.step:,}/{self.num_steps:,}: mean reward {event['mean_reward']:.3f}, "
-                    f"loss {event['loss']:.4f}, {event['step_seconds']:.1f}s")
+                log(
+                    f"step {self.step:,}/{self.num_steps:,}: mean reward {event['mean_reward']:.3f}, "
+                    f"loss {event['loss']:.4f}, {event['step_seconds']:.1f}s"
+                )
         finally:
             restore_signals()
             self._close_metrics()
@@ -89,12 +103,21 @@ class RLTrainer(StageLoop):
         opts, ranks = self.settings, self.ranks
         correct = []
         for index in range(ranks.rank, min(opts.eval_examples, len(self.test_task)), ranks.world_size):
-            rollout = sample_rollout(self.engine, self.test_task, index, num_samples=opts.eval_samples,
-                                     max_new_tokens=opts.max_new_tokens, temperature=1.0, top_k=self.top_k,
-                                     device_batch_size=opts.device_batch_size, seed_parts=(-1, index))
+            rollout = sample_rollout(
+                self.engine,
+                self.test_task,
+                index,
+                num_samples=opts.eval_samples,
+                max_new_tokens=opts.max_new_tokens,
+                temperature=1.0,
+                top_k=self.top_k,
+                device_batch_size=opts.device_batch_size,
+                seed_parts=(-1, index),
+            )
             correct.append([reward > 0 for reward in rollout.rewards])
-        counts = self._all_sum([len(correct)] + [pass_at_k(correct, k) * len(correct)
-                                                 for k in range(1, opts.eval_samples + 1)])
+        counts = self._all_sum(
+            [len(correct)] + [pass_at_k(correct, k) * len(correct) for k in range(1, opts.eval_samples + 1)]
+        )
         return {f"pass@{k}": counts[k] / max(counts[0], 1) for k in range(1, opts.eval_samples + 1)}
 
     def _train_step(self) -> dict[str, Any]:
@@ -111,18 +134,26 @@ class RLTrainer(StageLoop):
             position = step * opts.examples_per_step + local * ranks.world_size + ranks.rank
             index = position % len(self.train_task)
             model.eval()
-            rollout = sample_rollout(self.engine, self.train_task, index, num_samples=opts.num_samples,
-                                     max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
-                                     top_k=self.top_k, device_batch_size=opts.device_batch_size,
-                                     seed_parts=(step, position))
+            rollout = sample_rollout(
+                self.engine,
+                self.train_task,
+                index,
+                num_samples=opts.num_samples,
+                max_new_tokens=opts.max_new_tokens,
+                temperature=opts.temperature,
+                top_k=self.top_k,
+                device_batch_size=opts.device_batch_size,
+                seed_parts=(step, position),
+            )
             rewards += rollout.rewards
             model.train()
             inputs, targets, advantages = rollout_tensors(rollout, stop_token, stop_token, ranks.device)
             for begin in range(0, len(inputs), opts.device_batch_size):
                 rows = slice(begin, begin + opts.device_batch_size)
                 valid = max(int((targets[rows] != -1).sum()), 1)
-                loss, count = policy_gradient_loss(model, inputs[rows], targets[rows], advantages[rows],
-                                                   valid * passes * examples_per_rank)
+                loss, count = policy_gradient_loss(
+                    model, inputs[rows], targets[rows], advantages[rows], valid * passes * examples_per_rank
+                )
                 loss.backward()
                 loss_total += float(loss.detach())
                 sampled_tokens += count
@@ -131,13 +162,20 @@ class RLTrainer(StageLoop):
         self.engine.sync_weights()
         # One all-reduce for the step's numbers and "should we stop" (a signal may reach only some ranks).
         reward_sum, reward_count, loss_sum, tokens, stop_votes = self._all_sum(
-            [sum(rewards), len(rewards), loss_total, sampled_tokens, float(self._stop_signal is not None)])
+            [sum(rewards), len(rewards), loss_total, sampled_tokens, float(self._stop_signal is not None)]
+        )
         if stop_votes > 0 and self._stop_signal is None:
             self._stop_signal = signal.SIGTERM  # another rank was asked to stop
         self.step += 1
-        return {"event": "train", "step": self.step, "mean_reward": reward_sum / max(reward_count, 1),
-                "loss": loss_sum / ranks.world_size, "sampled_tokens": int(tokens), "lr_multiplier": lr_multiplier,
-                "step_seconds": round(time.perf_counter() - start, 3)}
+        return {
+            "event": "train",
+            "step": self.step,
+            "mean_reward": reward_sum / max(reward_count, 1),
+            "loss": loss_sum / ranks.world_size,
+            "sampled_tokens": int(tokens),
+            "lr_multiplier": lr_multiplier,
+            "step_seconds": round(time.perf_counter() - start, 3),
+        }
 
     def save(self) -> None:
         """Checkpoint at the current step. Collective: every rank calls it; rank 0 writes."""
@@ -147,5 +185,9 @@ class RLTrainer(StageLoop):
         from picochat.settings import as_flags
 
         loop = {"last_eval_step": self.last_eval_step, "finished": self.step >= self.num_steps}
-        self._write_checkpoint(optimizer_state, self.settings.keep_checkpoints, loop=loop,
-                               settings={**as_flags(self.settings), "num_steps": self.num_steps})
+        self._write_checkpoint(
+            optimizer_state,
+            self.settings.keep_checkpoints,
+            loop=loop,
+            settings={**as_flags(self.settings), "num_steps": self.num_steps},
+        )

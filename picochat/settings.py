@@ -37,12 +37,29 @@ from picochat.common import (
 FIXED, KEPT, INHERITED = "fixed", "kept", "inherited"
 
 
-def setting(default: Any, help: str, parse: Any = None, *, resume: str = KEPT, group: str | None = None,
-            choices: tuple | None = None, nargs: str | None = None, metavar: str | None = None,
-            positional: bool = False) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    parse: Any = None,
+    *,
+    resume: str = KEPT,
+    group: str | None = None,
+    choices: tuple | None = None,
+    nargs: str | None = None,
+    metavar: str | None = None,
+    positional: bool = False,
+) -> Any:
     """A dataclass field declaring one flag (see the module docstring)."""
-    metadata = {"help": help, "parse": parse, "resume": resume, "group": group, "choices": choices, "nargs": nargs,
-                "metavar": metavar, "positional": positional}
+    metadata = {
+        "help": help,
+        "parse": parse,
+        "resume": resume,
+        "group": group,
+        "choices": choices,
+        "nargs": nargs,
+        "metavar": metavar,
+        "positional": positional,
+    }
     if isinstance(default, list):  # a frozen dataclass still needs a fresh list per instance
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -63,37 +80,71 @@ def window_pattern(text: str) -> str:
 class PretrainSettings:
     command: ClassVar[str] = "pretrain"
 
-    paths: list = setting([], "training text files or folders (.parquet .jsonl .txt ...); default: every parquet "
-                          "shard under --data-dir. Files named val* are held out for validation", str, resume=FIXED,
-                          nargs="*", positional=True)
-    val: list = setting([], "validation files (then every positional file is used for training)", str, resume=FIXED,
-                        nargs="+", metavar="PATH")
+    paths: list = setting(
+        [],
+        "training text files or folders (.parquet .jsonl .txt ...); default: every parquet "
+        "shard under --data-dir. Files named val* are held out for validation",
+        str,
+        resume=FIXED,
+        nargs="*",
+        positional=True,
+    )
+    val: list = setting(
+        [],
+        "validation files (then every positional file is used for training)",
+        str,
+        resume=FIXED,
+        nargs="+",
+        metavar="PATH",
+    )
     text_column: str = setting("text", "parquet column / jsonl field with the text", nonempty_text, resume=FIXED)
     # run
     seed: int = setting(42, "seed for the initial weights", non_negative_int, group="run")
-    fp8: bool = setting(False, "train the large Linears in FP8 (tensorwise scaling; CUDA compute capability 8.9+, "
-                        "emulated on the CPU; never for evaluation)", group="run")
-    embedding_dtype: str = setting("auto", "storage of the token and value embeddings; auto: bfloat16 on CUDA with "
-                                   "bf16 compute (as the reference; 2.6 GB less per GPU at d24), float32 elsewhere",
-                                   str, group="run", choices=("auto", "float32", "bfloat16"))
+    fp8: bool = setting(
+        False,
+        "train the large Linears in FP8 (tensorwise scaling; CUDA compute capability 8.9+, "
+        "emulated on the CPU; never for evaluation)",
+        group="run",
+    )
+    embedding_dtype: str = setting(
+        "auto",
+        "storage of the token and value embeddings; auto: bfloat16 on CUDA with "
+        "bf16 compute (as the reference; 2.6 GB less per GPU at d24), float32 elsewhere",
+        str,
+        group="run",
+        choices=("auto", "float32", "bfloat16"),
+    )
     # the depth dial
     depth: int = setting(20, "number of layers; sets everything else", positive_int, resume=FIXED, group="model")
     aspect_ratio: int = setting(64, "model width = depth x this", positive_int, resume=FIXED, group="model")
     head_dim: int = setting(128, "attention head size", positive_int, resume=FIXED, group="model")
     max_seq_len: int = setting(2048, "tokens per training row", positive_int, resume=FIXED, group="model")
-    window_pattern: str = setting("SSSL", "S/L sliding windows tiled over layers (the portable architecture: L only)",
-                                  window_pattern, resume=FIXED, group="model")
-    architecture: str = setting("reference", "reference (nanochat's, best quality per FLOP) or portable (a stock "
-                                "Qwen3 that llama.cpp, Ollama, MLX, vLLM and plain transformers run; see "
-                                "picochat/portable.py)", str, resume=FIXED, group="model",
-                                choices=("reference", "portable"))
+    window_pattern: str = setting(
+        "SSSL",
+        "S/L sliding windows tiled over layers (the portable architecture: L only)",
+        window_pattern,
+        resume=FIXED,
+        group="model",
+    )
+    architecture: str = setting(
+        "reference",
+        "reference (nanochat's, best quality per FLOP) or portable (a stock "
+        "Qwen3 that llama.cpp, Ollama, MLX, vLLM and plain transformers run; see "
+        "picochat/portable.py)",
+        str,
+        resume=FIXED,
+        group="model",
+        choices=("reference", "portable"),
+    )
     # horizon and batch
     num_iterations: int | None = setting(None, "optimizer steps", positive_int, group="horizon")
     target_flops: float | None = setting(None, "training FLOPs budget", positive_float, group="horizon")
-    target_param_data_ratio: float = setting(12.0, "tokens per scaling parameter; also sets the automatic batch "
-                                             "size", positive_float, group="horizon")
-    total_batch_size: int | None = setting(None, "tokens per step, all ranks (default: from the depth)", positive_int,
-                                           resume=FIXED, group="horizon")
+    target_param_data_ratio: float = setting(
+        12.0, "tokens per scaling parameter; also sets the automatic batch size", positive_float, group="horizon"
+    )
+    total_batch_size: int | None = setting(
+        None, "tokens per step, all ranks (default: from the depth)", positive_int, resume=FIXED, group="horizon"
+    )
     device_batch_size: int = setting(32, "rows per forward pass per rank", positive_int, group="horizon")
     # optimization
     embedding_lr: float = setting(0.3, "AdamW, token and value embeddings", positive_float, group="optim")
@@ -101,16 +152,22 @@ class PretrainSettings:
     matrix_lr: float = setting(0.02, "Muon, block matrices", positive_float, group="optim")
     scalar_lr: float = setting(0.5, "AdamW, per-layer scalars", positive_float, group="optim")
     weight_decay: float = setting(0.28, "Muon weight decay before scaling", non_negative_float, group="optim")
-    batch_lr_scale: float | None = setting(None, "override the learning-rate multiplier (default sqrt(total batch "
-                                           "/ 2^19))", positive_float, group="optim")
-    muon_weight_decay: float | None = setting(None, "override the derived Muon weight decay (default --weight-decay "
-                                              "x sqrt(B/B_ref) x D_ref/D)", non_negative_float, group="optim")
+    batch_lr_scale: float | None = setting(
+        None, "override the learning-rate multiplier (default sqrt(total batch / 2^19))", positive_float, group="optim"
+    )
+    muon_weight_decay: float | None = setting(
+        None,
+        "override the derived Muon weight decay (default --weight-decay x sqrt(B/B_ref) x D_ref/D)",
+        non_negative_float,
+        group="optim",
+    )
     warmup_steps: int = setting(40, "linear LR warmup steps", non_negative_int, group="optim")
     warmdown_ratio: float = setting(0.65, "fraction of the run with LR warmdown", fraction, group="optim")
     final_lr_frac: float = setting(0.05, "LR multiplier at the end of the warmdown", fraction, group="optim")
     # evaluation and checkpoints
-    eval_every: int = setting(250, "validation bpb every N steps; 0: at the end only", non_negative_int,
-                              group="cadence")
+    eval_every: int = setting(
+        250, "validation bpb every N steps; 0: at the end only", non_negative_int, group="cadence"
+    )
     eval_tokens: int = setting(80 * 524_288, "validation tokens per evaluation", positive_int, group="cadence")
     sample_every: int = setting(2000, "greedy samples every N steps; 0: never", non_negative_int, group="cadence")
     save_every: int = setting(0, "checkpoint every N steps; 0: at the end only", non_negative_int, group="cadence")
@@ -121,32 +178,55 @@ class PretrainSettings:
 class SFTSettings:
     command: ClassVar[str] = "sft"
 
-    source: str | None = setting(None, "stage to start from (default: mid if it exists, else base; base for --stage "
-                                 "mid)", str, resume=FIXED, choices=("base", "mid"))
+    source: str | None = setting(
+        None,
+        "stage to start from (default: mid if it exists, else base; base for --stage mid)",
+        str,
+        resume=FIXED,
+        choices=("base", "mid"),
+    )
     seed: int = setting(0, "mixture shuffle seed", non_negative_int, resume=FIXED)
     # data (they shape the mixture a saved loader state points into: fixed)
-    mix: str | None = setting(None, "source:epochs,... e.g. alpaca:1,gsm8k:4,identity:2,my.jsonl:3 (default: "
-                              "tasks.DEFAULT_SFT_MIX; for --stage mid, a larger general mixture)", nonempty_text,
-                              resume=FIXED, group="data")
-    identity_name: str = setting("picochat", "the model's name in the identity data", nonempty_text, resume=FIXED,
-                                 group="data")
-    identity_creator: str | None = setting(None, "who made the model, in the identity data", nonempty_text,
-                                           resume=FIXED, group="data")
-    identity_file: str | None = setting(None, "your own identity conversations (.jsonl) instead of the templates",
-                                        nonempty_text, resume=FIXED, group="data")
-    val_conversations: int | None = setting(None, "conversations held out of the mixture for validation (default: "
-                                            "5%%, at most 500)", non_negative_int, resume=FIXED, group="data")
+    mix: str | None = setting(
+        None,
+        "source:epochs,... e.g. alpaca:1,gsm8k:4,identity:2,my.jsonl:3 (default: "
+        "tasks.DEFAULT_SFT_MIX; for --stage mid, a larger general mixture)",
+        nonempty_text,
+        resume=FIXED,
+        group="data",
+    )
+    identity_name: str = setting(
+        "picochat", "the model's name in the identity data", nonempty_text, resume=FIXED, group="data"
+    )
+    identity_creator: str | None = setting(
+        None, "who made the model, in the identity data", nonempty_text, resume=FIXED, group="data"
+    )
+    identity_file: str | None = setting(
+        None,
+        "your own identity conversations (.jsonl) instead of the templates",
+        nonempty_text,
+        resume=FIXED,
+        group="data",
+    )
+    val_conversations: int | None = setting(
+        None,
+        "conversations held out of the mixture for validation (default: 5%%, at most 500)",
+        non_negative_int,
+        resume=FIXED,
+        group="data",
+    )
     # shapes and learning rates
     max_seq_len: int | None = setting(None, "tokens per row", positive_int, resume=INHERITED, group="shape")
-    device_batch_size: int | None = setting(None, "rows per forward pass per rank", positive_int, resume=INHERITED,
-                                            group="shape")
-    total_batch_size: int | None = setting(None, "tokens per step, all ranks", positive_int, resume=INHERITED,
-                                           group="shape")
+    device_batch_size: int | None = setting(
+        None, "rows per forward pass per rank", positive_int, resume=INHERITED, group="shape"
+    )
+    total_batch_size: int | None = setting(
+        None, "tokens per step, all ranks", positive_int, resume=INHERITED, group="shape"
+    )
     embedding_lr: float | None = setting(None, "AdamW, embeddings", positive_float, resume=INHERITED, group="shape")
     unembedding_lr: float | None = setting(None, "AdamW, lm_head", positive_float, resume=INHERITED, group="shape")
     matrix_lr: float | None = setting(None, "Muon, block matrices", positive_float, resume=INHERITED, group="shape")
-    scalar_lr: float | None = setting(None, "AdamW, per-layer scalars", positive_float, resume=INHERITED,
-                                      group="shape")
+    scalar_lr: float | None = setting(None, "AdamW, per-layer scalars", positive_float, resume=INHERITED, group="shape")
     init_lr_frac: float = setting(0.8, "all LRs x this", positive_float, group="shape")
     warmdown_ratio: float = setting(0.5, "fraction of the run in warmdown", fraction, group="shape")
     final_lr_frac: float = setting(0.0, "LR multiplier at the end", fraction, group="shape")
@@ -154,13 +234,18 @@ class SFTSettings:
     # evaluation and checkpoints
     eval_every: int = setting(200, "validation every N steps", non_negative_int, group="cadence")
     eval_tokens: int = setting(40 * 524_288, "validation tokens", positive_int, group="cadence")
-    sample_every: int = setting(0, "greedy chat replies to a few prompts every N steps; 0: at the end only",
-                                non_negative_int, group="cadence")
-    chat_eval_tasks: str | None = setting(None, "also run these chat evaluations (e.g. ARC-Easy,GSM8K; see "
-                                          "`picochat eval chat`) whenever samples are taken; results in "
-                                          "<stage>/chat_eval/", nonempty_text, group="cadence")
-    chat_eval_max_problems: int = setting(24, "problems per task for --chat-eval-tasks", positive_int,
-                                          group="cadence")
+    sample_every: int = setting(
+        0, "greedy chat replies to a few prompts every N steps; 0: at the end only", non_negative_int, group="cadence"
+    )
+    chat_eval_tasks: str | None = setting(
+        None,
+        "also run these chat evaluations (e.g. ARC-Easy,GSM8K; see "
+        "`picochat eval chat`) whenever samples are taken; results in "
+        "<stage>/chat_eval/",
+        nonempty_text,
+        group="cadence",
+    )
+    chat_eval_max_problems: int = setting(24, "problems per task for --chat-eval-tasks", positive_int, group="cadence")
     save_every: int = setting(0, "checkpoint every N steps (0: at the end)", non_negative_int, group="cadence")
     keep_checkpoints: int = setting(2, "checkpoints kept on disk", positive_int, group="cadence")
 
@@ -240,8 +325,10 @@ def resolve(settings_class: type, args: argparse.Namespace, saved: dict[str, Any
         if saved is not None and name in saved:
             if given is not None and item.metadata["resume"] == FIXED and given != saved[name]:
                 flag = "the data paths" if item.metadata["positional"] else flag_name(name)
-                raise PicochatError(f"--resume: {flag} was {saved[name]!r} for this run, not {given!r} ({name} in "
-                                    "its config.json); resume with the same value, or start a new run")
+                raise PicochatError(
+                    f"--resume: {flag} was {saved[name]!r} for this run, not {given!r} ({name} in "
+                    "its config.json); resume with the same value, or start a new run"
+                )
             values[name] = saved[name] if given is None else given
         elif given is not None:
             values[name] = given
@@ -282,6 +369,9 @@ def train_settings(own: dict[str, Any], **derived: Any) -> Any:
     """The trainer's TrainSettings: `derived` values first, then the stage's settings (`as_flags`) of those names."""
     from picochat.trainer import TrainSettings
 
-    values = {item.name: derived.get(item.name, own.get(item.name)) for item in fields(TrainSettings)
-              if item.name in derived or item.name in own}
+    values = {
+        item.name: derived.get(item.name, own.get(item.name))
+        for item in fields(TrainSettings)
+        if item.name in derived or item.name in own
+    }
     return TrainSettings(**values)

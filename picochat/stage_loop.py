@@ -91,8 +91,12 @@ class StageLoop:
         rng = {"torch_cpu": torch.get_rng_state()}
         if self.ranks.device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state(self.ranks.device)
-        training_state = {"optimizer": optimizer_state, **state, "rng": rng,
-                          "settings": {**self.resume_settings, **settings}}
+        training_state = {
+            "optimizer": optimizer_state,
+            **state,
+            "rng": rng,
+            "settings": {**self.resume_settings, **settings},
+        }
         folder = save_checkpoint(self.stage_dir, self.step, self.model.state_dict(), training_state, keep=keep)
         self._write_metrics({"event": "checkpoint", "step": self.step, "path": str(folder)})
 
@@ -168,5 +172,7 @@ class StageLoop:
         """The line a run stopped by a signal ends with: where it stopped and how to continue."""
         name = signal.Signals(self._stop_signal).name
         what = "a checkpoint is saved" if saved else "nothing new to save"
-        log(f"stopped by {name} at step {self.step:,} of {planned:,}; {what}. "
-            f"Continue with: {self.resume_hint or '--resume'}")
+        log(
+            f"stopped by {name} at step {self.step:,} of {planned:,}; {what}. "
+            f"Continue with: {self.resume_hint or '--resume'}"
+        )

@@ -200,10 +200,21 @@ class Trainer(StageLoop):
         resume_hint: str = "",
         wandb_config: dict[str, Any] | None = None,
     ):
-        super().__init__(model, optimizer, stage_dir=stage_dir, ranks=ranks, resume_hint=resume_hint,
-                         resume_settings={**(resume_settings or {}), "total_batch_size": settings.total_batch_size,
-                                          "seq_len": settings.seq_len},
-                         wandb_run=settings.wandb_run, wandb_project=settings.wandb_project, wandb_config=wandb_config)
+        super().__init__(
+            model,
+            optimizer,
+            stage_dir=stage_dir,
+            ranks=ranks,
+            resume_hint=resume_hint,
+            resume_settings={
+                **(resume_settings or {}),
+                "total_batch_size": settings.total_batch_size,
+                "seq_len": settings.seq_len,
+            },
+            wandb_run=settings.wandb_run,
+            wandb_project=settings.wandb_project,
+            wandb_config=wandb_config,
+        )
         self.settings = settings
         self.make_train_loader, self.make_val_loader = make_train_loader, make_val_loader
         self.token_bytes = token_bytes.to(ranks.device) if token_bytes is not None else None
@@ -332,8 +343,15 @@ class Trainer(StageLoop):
         start = time.perf_counter()
         lrm = lr_multiplier(step, settings.num_iterations, settings.warmup_steps, settings.warmdown_ratio,
                             settings.final_lr_frac)  # fmt: skip
-        momentum = muon_momentum(step, settings.num_iterations, settings.warmdown_ratio, settings.momentum_start,
-                                 settings.momentum_peak, settings.momentum_warmup_steps, settings.momentum_final)
+        momentum = muon_momentum(
+            step,
+            settings.num_iterations,
+            settings.warmdown_ratio,
+            settings.momentum_start,
+            settings.momentum_peak,
+            settings.momentum_warmup_steps,
+            settings.momentum_final,
+        )
         decay = weight_decay_multiplier(step, settings.num_iterations) if settings.cosine_weight_decay else 1.0
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
@@ -464,11 +482,15 @@ class Trainer(StageLoop):
             # Whether this checkpoint ends the stage (`picochat run` skips a finished stage).
             "finished": self.step >= self.settings.num_iterations or self._data_exhausted,
         }
-        settings = {"num_iterations": self.settings.num_iterations, "world_size": self.ranks.world_size,
-                    "device_batch_size": self.settings.device_batch_size}
+        settings = {
+            "num_iterations": self.settings.num_iterations,
+            "world_size": self.ranks.world_size,
+            "device_batch_size": self.settings.device_batch_size,
+        }
         loader = merge_loader_states(states) if states else self.loader_state
-        self._write_checkpoint(optimizer_state, self.settings.keep_checkpoints, settings=settings, loader=loader,
-                               loop=loop)
+        self._write_checkpoint(
+            optimizer_state, self.settings.keep_checkpoints, settings=settings, loader=loader, loop=loop
+        )
 
     # ---- metrics and progress -------------------------------------------------------------------------
 

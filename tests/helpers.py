@@ -21,10 +21,33 @@ WIKI_VAL_SHARD = "pretrain/wikipedia_en/val_00000.parquet"
 # `picochat pretrain` flags for the tiny model the pretraining tests train: depth 2, width 64 (2 heads of 32), rows
 # of 32 tokens, 8 rows per step: 4 per forward, so 1 rank accumulates 2.
 TINY = [
-    "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32", "--device-batch-size", "4",
-    "--total-batch-size", "256", "--eval-tokens", "512", "--sample-every", "0", "--warmup-steps", "2",
+    "--depth",
+    "2",
+    "--aspect-ratio",
+    "32",
+    "--head-dim",
+    "32",
+    "--max-seq-len",
+    "32",
+    "--device-batch-size",
+    "4",
+    "--total-batch-size",
+    "256",
+    "--eval-tokens",
+    "512",
+    "--sample-every",
+    "0",
+    "--warmup-steps",
+    "2",
     # The learning rates are scaled by sqrt(256 / 2^19) = 0.022: raise them so that a few steps change a lot.
-    "--matrix-lr", "0.5", "--embedding-lr", "5", "--unembedding-lr", "0.5", "--scalar-lr", "5",
+    "--matrix-lr",
+    "0.5",
+    "--embedding-lr",
+    "5",
+    "--unembedding-lr",
+    "0.5",
+    "--scalar-lr",
+    "5",
 ]  # fmt: skip (flag, value pairs on a line)
 
 
@@ -47,8 +70,9 @@ def wiki_tokenizer(data_dir: Path, vocab_size: int = 300) -> Tokenizer:
     return Tokenizer.train([text[:2000] for text in table.column("text").to_pylist()[:20]], vocab_size=vocab_size)
 
 
-def tiny_model(vocab_size: int, sequence_len: int = 1024, *, seed: int = 0, model_class: type[GPT] = GPT,
-               **sizes: int) -> GPT:
+def tiny_model(
+    vocab_size: int, sequence_len: int = 1024, *, seed: int = 0, model_class: type[GPT] = GPT, **sizes: int
+) -> GPT:
     """A GPT on CPU, 2 layers x 32 channels (2 query heads, 1 kv head) unless `sizes` say otherwise, initialised
     as training initialises it after torch.manual_seed(seed). model_class: a GPT subclass (e.g. a test stand-in)."""
     settings = dict(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
@@ -57,8 +81,9 @@ def tiny_model(vocab_size: int, sequence_len: int = 1024, *, seed: int = 0, mode
     return model_class.build(GPTConfig(**settings), "cpu")
 
 
-def lively_model(vocab_size: int, sequence_len: int = 256, *, seed: int = 0, model_class: type[GPT] = GPT,
-                 **sizes: int) -> GPT:
+def lively_model(
+    vocab_size: int, sequence_len: int = 256, *, seed: int = 0, model_class: type[GPT] = GPT, **sizes: int
+) -> GPT:
     """A tiny model in eval mode whose every path matters, for inference tests: 4 layers x 64 channels with
     grouped-query attention (4 query, 2 kv heads). The reference init zeroes c_proj (blocks start as identity) and
     smear_lambda, which would hide cache and position bugs, so those (and the lm_head) get random values.

@@ -48,8 +48,15 @@ def tiny_model(vocab_size: int, sequence_len: int, seed: int = 0):
     the model ignore all context), so that batching and caching mistakes would show."""
     from picochat.gpt import GPT, GPTConfig
 
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1,
-                       n_embd=64, window_pattern="SL")
+    config = GPTConfig(
+        sequence_len=sequence_len,
+        vocab_size=vocab_size,
+        n_layer=2,
+        n_head=2,
+        n_kv_head=1,
+        n_embd=64,
+        window_pattern="SL",
+    )
     torch.manual_seed(seed)
     model = GPT.build(config, "cpu")
     with torch.no_grad():
@@ -111,14 +118,18 @@ def test_prompts_are_rendered_exactly():
     shot = {"context_options": ["Ann won", "Bob won"], "continuation": "so he smiled.", "gold": 1}
     item = {"context_options": ["Cat sat", "Dog sat"], "continuation": "on it.", "gold": 0}
     assert core_tasks.render_prompts(item, schema, [shot]) == [
-        "Bob won so he smiled.\n\nCat sat on it.", "Bob won so he smiled.\n\nDog sat on it."]
+        "Bob won so he smiled.\n\nCat sat on it.",
+        "Bob won so he smiled.\n\nDog sat on it.",
+    ]
     lm = CoreTask("lm", "x.jsonl", 1, "language_modeling", " ", 0.0)
     shot = {"context": "  2+2 = \n", "continuation": "4"}
     item = {"context": "3+3 =  ", "continuation": "6"}
     # contexts are stripped; the prompt without the continuation is stripped as a whole (no trailing space)
     assert core_tasks.render_prompts(item, lm, [shot]) == ["2+2 = 4\n\n3+3 =", "2+2 = 4\n\n3+3 = 6"]
     assert core_tasks.render_prompts(item, CoreTask("lm", "x", 0, "language_modeling", "\nAnswer: ", 0.0), []) == [
-        "3+3 =\nAnswer:", "3+3 =\nAnswer: 6"]
+        "3+3 =\nAnswer:",
+        "3+3 =\nAnswer: 6",
+    ]
 
 
 def test_scored_ranges(byte_tokenizer):
@@ -165,34 +176,47 @@ class StubScorer:
 
 
 def hand_built_tasks():
-    mc_items = [{"query": f"Question {i}?", "choices": [f"right{i}", f"wrong{i}", f"bad{i}", f"no{i}"],
-                 "gold": i % 4} for i in range(8)]
+    mc_items = [
+        {"query": f"Question {i}?", "choices": [f"right{i}", f"wrong{i}", f"bad{i}", f"no{i}"], "gold": i % 4}
+        for i in range(8)
+    ]
     for item in mc_items:  # put the right answer where gold says
         choices = [c for c in item["choices"] if not c.startswith("right")]
         choices.insert(item["gold"], next(c for c in item["choices"] if c.startswith("right")))
         item["choices"] = choices
-    schema_items = [{"context_options": [f"Option{i}a", f"Option{i}b"], "continuation": f"ends {i}.",
-                     "gold": i % 2} for i in range(6)]
+    schema_items = [
+        {"context_options": [f"Option{i}a", f"Option{i}b"], "continuation": f"ends {i}.", "gold": i % 2}
+        for i in range(6)
+    ]
     lm_items = [{"context": f"Count {i} +1 =", "continuation": f"{i + 1} exactly"} for i in range(6)]
     return [
-        (CoreTask("mc", "-", 3, "multiple_choice", "\nAnswer: ", 25.0), mc_items,
-         {f"right{i}" for i in range(8)}, {f"wrong{i}" for i in range(8)}),
-        (CoreTask("schema", "-", 0, "schema", " ", 50.0), schema_items,
-         {f"Option{i}{'ab'[i % 2]} ends {i}." for i in range(6)},
-         {f"Option{i}{'ba'[i % 2]} ends {i}." for i in range(6)}),
-        (CoreTask("lm", "-", 2, "language_modeling", " ", 0.0), lm_items,
-         {f"{i + 1} exactly" for i in range(6)}, {"never"}),
+        (
+            CoreTask("mc", "-", 3, "multiple_choice", "\nAnswer: ", 25.0),
+            mc_items,
+            {f"right{i}" for i in range(8)},
+            {f"wrong{i}" for i in range(8)},
+        ),
+        (
+            CoreTask("schema", "-", 0, "schema", " ", 50.0),
+            schema_items,
+            {f"Option{i}{'ab'[i % 2]} ends {i}." for i in range(6)},
+            {f"Option{i}{'ba'[i % 2]} ends {i}." for i in range(6)},
+        ),
+        (
+            CoreTask("lm", "-", 2, "language_modeling", " ", 0.0),
+            lm_items,
+            {f"{i + 1} exactly" for i in range(6)},
+            {"never"},
+        ),
     ]
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_stub_scorers_score_one_for_gold_and_zero_for_wrong_with_the_expected_centering(byte_tokenizer, batch_size):
     for task, items, gold, wrong in hand_built_tasks():
-        right = core.evaluate_task(StubScorer(byte_tokenizer, gold), byte_tokenizer, task, items,
-                                   batch_size=batch_size)
+        right = core.evaluate_task(StubScorer(byte_tokenizer, gold), byte_tokenizer, task, items, batch_size=batch_size)
         assert right.accuracy == 1.0 and right.centered == 1.0 and right.examples == len(items)
-        bad = core.evaluate_task(StubScorer(byte_tokenizer, wrong), byte_tokenizer, task, items,
-                                 batch_size=batch_size)
+        bad = core.evaluate_task(StubScorer(byte_tokenizer, wrong), byte_tokenizer, task, items, batch_size=batch_size)
         assert bad.accuracy == 0.0
         assert bad.centered == pytest.approx(-task.random_baseline / (100 - task.random_baseline))
     assert core.centered_accuracy(0.25, 25.0) == 0.0 and core.centered_accuracy(0.5, 25.0) == pytest.approx(1 / 3)
@@ -242,8 +266,11 @@ def test_model_scorer_matches_a_plain_forward_pass(data_dir, tasks, gpt2_tokeniz
         for index, item in enumerate(items):
             shots = [items[j] for j in core_tasks.fewshot_indices(index, len(items), task.num_fewshot)]
             prompts = core_tasks.render_prompts(item, task, shots)
-            groups.append(core.item_rows(gpt2_tokenizer.encode(prompts, prepend=gpt2_tokenizer.bos_token_id),
-                                         task.task_type, window))
+            groups.append(
+                core.item_rows(
+                    gpt2_tokenizer.encode(prompts, prepend=gpt2_tokenizer.bos_token_id), task.task_type, window
+                )
+            )
         shared += sum(core._shared_context_length(rows) >= core.SHARED_CONTEXT_MIN_TOKENS for rows in groups)
         for rows, scores in zip(groups, scorer(groups)):
             assert all(len(row.tokens) <= window for row in rows)
@@ -260,8 +287,9 @@ def test_results_do_not_depend_on_the_batch_size(data_dir, tasks, gpt2_tokenizer
     for label in SMALL_TASKS:
         task = tasks[label]
         items = task_items(data_dir, task, 14)
-        results = [core.evaluate_task(scorer, gpt2_tokenizer, task, items, max_tokens=512, batch_size=b)
-                   for b in (1, 16)]
+        results = [
+            core.evaluate_task(scorer, gpt2_tokenizer, task, items, max_tokens=512, batch_size=b) for b in (1, 16)
+        ]
         assert results[0].correct == results[1].correct
         assert results[0].accuracy == results[1].accuracy
 
@@ -284,13 +312,15 @@ def test_malformed_task_files_are_one_line_errors(tmp_path, data_dir):
 
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    (bundle / "core.yaml").write_text("icl_tasks:\n- label: mystery\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n"
-                                      "  icl_task_type: multiple_choice\n")
+    (bundle / "core.yaml").write_text(
+        "icl_tasks:\n- label: mystery\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n  icl_task_type: multiple_choice\n"
+    )
     shutil.copy(data_dir / "core_eval" / "eval_meta_data.csv", bundle)
     with pytest.raises(PicochatError, match="no 'Random baseline' row for task 'mystery'"):
         core_tasks.load_core_tasks(bundle)
-    (bundle / "core.yaml").write_text("icl_tasks:\n- label: copa\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n"
-                                      "  icl_task_type: essay\n")
+    (bundle / "core.yaml").write_text(
+        "icl_tasks:\n- label: copa\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n  icl_task_type: essay\n"
+    )
     with pytest.raises(PicochatError, match="icl_task_type 'essay'"):
         core_tasks.load_core_tasks(bundle)
 
@@ -301,9 +331,13 @@ def make_bundle(folder: Path, data_dir: Path, labels: list[str], extra: str = ""
     lines = ["icl_tasks:"]
     for label in labels:
         task = all_tasks[label]
-        lines += [f"- label: {label}", f"  dataset_uri: {task.dataset_uri}", f"  num_fewshot: [{task.num_fewshot}]",
-                  f"  icl_task_type: {task.task_type}",
-                  f"  continuation_delimiter: {json.dumps(task.continuation_delimiter)}"]
+        lines += [
+            f"- label: {label}",
+            f"  dataset_uri: {task.dataset_uri}",
+            f"  num_fewshot: [{task.num_fewshot}]",
+            f"  icl_task_type: {task.task_type}",
+            f"  continuation_delimiter: {json.dumps(task.continuation_delimiter)}",
+        ]
         target = folder / "eval_data" / task.dataset_uri
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(data_dir / "core_eval" / "eval_data" / task.dataset_uri, target)
@@ -389,13 +423,17 @@ def run_dir(tmp_path, gpt2_tokenizer) -> Path:
 def test_eval_core_writes_json_and_csv_and_ranks_agree(tmp_path, data_dir, run_dir, capsys):
     bundle = make_bundle(tmp_path / "bundle", data_dir, SMALL_TASKS)
     # hellaswag's real file is not in the shared data; its 4-row fixture stands in to test that path
-    shutil.copy(data_dir / "core_eval/eval_data/language_understanding/hellaswag_small.jsonl",
-                bundle / "eval_data/language_understanding/hellaswag.jsonl")
+    shutil.copy(
+        data_dir / "core_eval/eval_data/language_understanding/hellaswag_small.jsonl",
+        bundle / "eval_data/language_understanding/hellaswag.jsonl",
+    )
     with open(bundle / "core.yaml", "a") as file:
-        file.write("- label: hellaswag\n  dataset_uri: language_understanding/hellaswag.jsonl\n  num_fewshot: [10]\n"
-                   "  icl_task_type: multiple_choice\n  continuation_delimiter: ' '\n- label: squad\n"
-                   "  dataset_uri: reading_comprehension/squad.jsonl\n  num_fewshot: [10]\n"
-                   "  icl_task_type: language_modeling\n")
+        file.write(
+            "- label: hellaswag\n  dataset_uri: language_understanding/hellaswag.jsonl\n  num_fewshot: [10]\n"
+            "  icl_task_type: multiple_choice\n  continuation_delimiter: ' '\n- label: squad\n"
+            "  dataset_uri: reading_comprehension/squad.jsonl\n  num_fewshot: [10]\n"
+            "  icl_task_type: language_modeling\n"
+        )
     arguments = ["eval", "core", "--run-dir", str(run_dir), "--core-dir", str(bundle), "--max-per-task", "10"]
     assert main(arguments) == 0
     output = capsys.readouterr().out
@@ -444,10 +482,30 @@ def test_eval_bpb_on_named_files_and_on_the_runs_data(tmp_path, run_dir, gpt2_to
     from picochat.packing import pretraining_batches
 
     text = tmp_path / "notes.jsonl"
-    text.write_text("".join(json.dumps({"text": f"Paragraph {i}: the quick brown fox jumps over the lazy dog. " * 5})
-                            + "\n" for i in range(40)))
-    assert main(["eval", "bpb", "--run-dir", str(run_dir), str(text), "--tokens", "256", "--seq-len", "64",
-                 "--batch-size", "2"]) == 0
+    text.write_text(
+        "".join(
+            json.dumps({"text": f"Paragraph {i}: the quick brown fox jumps over the lazy dog. " * 5}) + "\n"
+            for i in range(40)
+        )
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "bpb",
+                "--run-dir",
+                str(run_dir),
+                str(text),
+                "--tokens",
+                "256",
+                "--seq-len",
+                "64",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     result = json.loads((run_dir / "eval" / "bpb_base_step000007_notes.json").read_text())
     split = result["splits"]["text"]
     assert split["tokens"] == 256 and "bpb" not in result["metrics"]  # named files never replace the run's bpb

@@ -90,13 +90,27 @@ def warnings(monkeypatch):
 
 
 def test_find_text_files_recursive_sorted_and_filtered(tmp_path):
-    names = ["b/shard_1.parquet", "a.jsonl", "b/a.txt.gz", "z.txt", "notes.md", "b/x.csv", "c/d/e.jsonl.gz",
-             ".hidden.txt", ".cache/inside.txt", "b/shard_0.parquet.part"]
+    names = [
+        "b/shard_1.parquet",
+        "a.jsonl",
+        "b/a.txt.gz",
+        "z.txt",
+        "notes.md",
+        "b/x.csv",
+        "c/d/e.jsonl.gz",
+        ".hidden.txt",
+        ".cache/inside.txt",
+        "b/shard_0.parquet.part",
+    ]
     for name in names:
         write_bytes(tmp_path / name, b"x")
     found = find_text_files([tmp_path])
     assert [p.relative_to(tmp_path).as_posix() for p in found] == [
-        "a.jsonl", "b/a.txt.gz", "b/shard_1.parquet", "c/d/e.jsonl.gz", "z.txt"
+        "a.jsonl",
+        "b/a.txt.gz",
+        "b/shard_1.parquet",
+        "c/d/e.jsonl.gz",
+        "z.txt",
     ]
     # Same folder twice, and a file inside it: no duplicates, same order.
     assert find_text_files([tmp_path, str(tmp_path), tmp_path / "z.txt"]) == found
@@ -159,10 +173,23 @@ def test_cursor_positions(mixed, small_blocks):
     positions = [(c.file_index, c.row_group, c.row, c.document_index) for _, c in iter_documents(files)]
     # a.parquet: row groups of 5 and 2 rows; b.jsonl.gz: blocks of 2; c.txt: one; d.parquet: groups of 2.
     assert positions == [
-        (0, 0, 1, 1), (0, 0, 2, 2), (0, 0, 3, 3), (0, 0, 4, 4), (0, 1, 0, 5), (0, 1, 1, 6), (1, 0, 0, 7),
-        (1, 0, 1, 8), (1, 1, 0, 9), (1, 1, 1, 10), (1, 2, 0, 11), (2, 0, 0, 12),
+        (0, 0, 1, 1),
+        (0, 0, 2, 2),
+        (0, 0, 3, 3),
+        (0, 0, 4, 4),
+        (0, 1, 0, 5),
+        (0, 1, 1, 6),
+        (1, 0, 0, 7),
+        (1, 0, 1, 8),
+        (1, 1, 0, 9),
+        (1, 1, 1, 10),
+        (1, 2, 0, 11),
+        (2, 0, 0, 12),
         (3, 0, 0, 13),
-        (3, 0, 1, 14), (3, 1, 0, 15), (3, 1, 1, 16), (4, 0, 0, 17),
+        (3, 0, 1, 14),
+        (3, 1, 0, 15),
+        (3, 1, 1, 16),
+        (4, 0, 0, 17),
     ]
     # At the end of a pass: past the last file (no loop), or the start of the next epoch (loop).
     last = list(iter_documents(files))[-1][1]
@@ -388,8 +415,13 @@ def test_invalid_utf8_is_replaced_and_warned_once_per_file(tmp_path, warnings):
     jsonl = write_bytes(tmp_path / "a.jsonl", b'{"text": "caf\xe9"}\n{"text": "ok"}\n{"text": "\xff\xfe"}\n')
     txt = write_bytes(tmp_path / "b.txt", b"bad \x80 byte")
     escaped = write_bytes(tmp_path / "c.jsonl", b'{"text": "lone \\ud800 surrogate"}\n')
-    assert texts_of([jsonl, txt, escaped]) == ["caf\ufffd", "ok", "\ufffd\ufffd", "bad \ufffd byte",
-                                               "lone \ufffd surrogate"]
+    assert texts_of([jsonl, txt, escaped]) == [
+        "caf\ufffd",
+        "ok",
+        "\ufffd\ufffd",
+        "bad \ufffd byte",
+        "lone \ufffd surrogate",
+    ]
     assert len(warnings) == 3
     assert "a.jsonl: 2 document(s) had invalid UTF-8" in warnings[0]
     assert "b.txt: 1 document(s)" in warnings[1] and "U+FFFD" in warnings[1]
@@ -536,8 +568,9 @@ def test_real_data_list_and_check(data_dir, capsys):
     folder = data_dir / "pretrain/wikipedia_en"
     assert main(["data", "list", str(folder), "--no-characters"]) == 0
     out = capsys.readouterr().out
-    totals = {line.split()[1]: int(line.split()[3].replace(",", "")) for line in out.splitlines()
-              if line.startswith("TOTAL")}
+    totals = {
+        line.split()[1]: int(line.split()[3].replace(",", "")) for line in out.splitlines() if line.startswith("TOTAL")
+    }
     train, val = split_train_val(find_text_files([folder]))
     assert totals == {
         "train": sum(pq.ParquetFile(f).metadata.num_rows for f in train),

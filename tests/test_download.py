@@ -103,8 +103,16 @@ def make_handler(state: ShardServer):
 
 @pytest.fixture
 def server(monkeypatch):
-    for name in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy",
-                 "HF_TOKEN", "HF_ENDPOINT"]:
+    for name in [
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "all_proxy",
+        "HF_TOKEN",
+        "HF_ENDPOINT",
+    ]:
         monkeypatch.delenv(name, raising=False)
     state = ShardServer()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
@@ -138,8 +146,13 @@ def assert_one_error(capsys, *fragments: str) -> str:
 def test_parse_shard_spec():
     assert parse_shard_spec("0-3,12, 2,7-7") == [0, 1, 2, 3, 7, 12]
     assert parse_shard_spec("5") == [5]
-    for bad, message in [("", "expected indices"), ("1-", "expected indices"), ("a", "expected indices"),
-                         ("5-2", "backwards"), ("-1", "expected indices")]:
+    for bad, message in [
+        ("", "expected indices"),
+        ("1-", "expected indices"),
+        ("a", "expected indices"),
+        ("5-2", "backwards"),
+        ("-1", "expected indices"),
+    ]:
         with pytest.raises(PicochatError, match=message):
             parse_shard_spec(bad)
     with pytest.raises(PicochatError, match="no shard 10"):
@@ -154,7 +167,9 @@ def test_plan_standard_sets(monkeypatch):
         "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_00000.parquet"
     )
     assert [d.filename for d in plan_downloads("climbmix", shards="6540-6542")] == [
-        "shard_06540.parquet", "shard_06541.parquet", "val_shard_06542.parquet"
+        "shard_06540.parquet",
+        "shard_06541.parquet",
+        "val_shard_06542.parquet",
     ]
     fineweb = plan_downloads("fineweb-edu", shards="0,1822")
     assert [d.filename for d in fineweb] == ["shard_00000.parquet", "shard_01822.parquet"]  # no val shard
@@ -206,7 +221,9 @@ def test_hf_endpoint_mode_downloads_train_shards_and_val(server, tmp_path, monke
     capsys.readouterr()
     folder = tmp_path / "climbmix"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "shard_00000.parquet", "shard_00001.parquet", "val_shard_06542.parquet"
+        "shard_00000.parquet",
+        "shard_00001.parquet",
+        "val_shard_06542.parquet",
     ]
     for path in folder.iterdir():
         assert path.read_bytes() == server.files[f"{CLIMBMIX}/{path.name.removeprefix('val_')}"]
@@ -305,8 +322,19 @@ def test_manifest_verified_download_skip_and_repair(server, tmp_path, capsys):
     lines = [f"{hashlib.sha256(body).hexdigest()}  {path.split('/')[-1]}\n" for path, body in bodies.items()]
     manifest.write_text("".join(lines))
     dest = tmp_path / "out"
-    argv = ["data", "download", "--url-template", server.url + "/d/{index}.parquet", "--shards", "0-2",
-            "--dest", str(dest), "--sha256-manifest", str(manifest), *FAST]
+    argv = [
+        "data",
+        "download",
+        "--url-template",
+        server.url + "/d/{index}.parquet",
+        "--shards",
+        "0-2",
+        "--dest",
+        str(dest),
+        "--sha256-manifest",
+        str(manifest),
+        *FAST,
+    ]
     assert main(argv) == 0
     assert len(server.requests) == 3
     # A second run finds every file complete (and verified): nothing is fetched.
@@ -343,8 +371,17 @@ def test_token_is_not_sent_after_a_redirect_to_another_host(server, tmp_path, mo
 
 def test_several_failures_make_one_error_line(server, tmp_path, capsys):
     server.files["/ok/0.parquet"] = shard_bytes(0)
-    argv = ["data", "download", "--url-template", server.url + "/ok/{index}.parquet", "--shards", "0-2",
-            "--dest", str(tmp_path), *FAST]
+    argv = [
+        "data",
+        "download",
+        "--url-template",
+        server.url + "/ok/{index}.parquet",
+        "--shards",
+        "0-2",
+        "--dest",
+        str(tmp_path),
+        *FAST,
+    ]
     assert main(argv) == 2
     assert_one_error(capsys, "2 of 3 downloads failed", "HTTP 404")
     assert [p.name for p in tmp_path.iterdir()] == ["0.parquet"]  # the good file is kept

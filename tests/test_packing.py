@@ -235,8 +235,9 @@ def test_only_the_head_of_a_long_text_is_tokenized_unless_it_might_fit(tokenizer
     assert len(dash_ids) <= capacity + 1
 
 
-def collect_rows_per_stream(loader_per_rank: list[Iterator], world_size: int, batch_size: int, num_streams: int,
-                            steps: int) -> dict[int, list[list[int]]]:
+def collect_rows_per_stream(
+    loader_per_rank: list[Iterator], world_size: int, batch_size: int, num_streams: int, steps: int
+) -> dict[int, list[list[int]]]:
     """Run each rank's loader for `steps` optimizer steps; return every stream's rows (inputs + last target)."""
     rows: dict[int, list[list[int]]] = {s: [] for s in range(num_streams)}
     for _ in range(steps):
@@ -254,8 +255,17 @@ def test_pretraining_rows_of_a_step_do_not_depend_on_ranks(tokenizer, wiki_shard
     for world_size, batch_size in [(1, 8), (2, 4), (4, 2)]:
         loaders = [
             # Small tokenizer batches: many reads, so the streams' queues fill and drain unevenly.
-            pretraining_batches(wiki_shard, tokenizer, batch_size, seq_len, rank=rank, world_size=world_size,
-                                num_streams=num_streams, buffer_size=8, tokenizer_batch_size=8)
+            pretraining_batches(
+                wiki_shard,
+                tokenizer,
+                batch_size,
+                seq_len,
+                rank=rank,
+                world_size=world_size,
+                num_streams=num_streams,
+                buffer_size=8,
+                tokenizer_batch_size=8,
+            )
             for rank in range(world_size)
         ]
         results.append(collect_rows_per_stream(loaders, world_size, batch_size, num_streams, steps))
@@ -290,8 +300,7 @@ def as_checkpoint(state: dict) -> dict:
 
 def test_pretraining_resume_continues_exactly(tokenizer, wiki_shard):
     def loader(state=None):
-        return pretraining_batches(wiki_shard, tokenizer, 4, 48, buffer_size=16, state=state,
-                                   tokenizer_batch_size=8)
+        return pretraining_batches(wiki_shard, tokenizer, 4, 48, buffer_size=16, state=state, tokenizer_batch_size=8)
 
     uninterrupted = take(loader(), 14)
     state = as_checkpoint(uninterrupted[2][2])
@@ -305,8 +314,18 @@ def test_pretraining_resume_on_a_different_number_of_ranks(tokenizer, wiki_shard
     num_streams, seq_len = 4, 32
 
     def loader(rank, world_size, batch_size, state=None):
-        return pretraining_batches(wiki_shard, tokenizer, batch_size, seq_len, rank=rank, world_size=world_size,
-                                   num_streams=num_streams, state=state, buffer_size=8, tokenizer_batch_size=8)
+        return pretraining_batches(
+            wiki_shard,
+            tokenizer,
+            batch_size,
+            seq_len,
+            rank=rank,
+            world_size=world_size,
+            num_streams=num_streams,
+            state=state,
+            buffer_size=8,
+            tokenizer_batch_size=8,
+        )
 
     # Two ranks run 3 steps; their states are merged; one rank takes over.
     two_ranks = [loader(rank, 2, 2) for rank in range(2)]
@@ -415,8 +434,9 @@ def test_sft_fails_clearly_when_no_conversation_can_be_supervised():
 
 def test_sft_with_a_real_tokenizer_resumes_exactly_and_ignores_ranks(tokenizer, identity_conversations):
     def loader(rank=0, world_size=1, batch_size=4, state=None):
-        return sft_batches(identity_conversations, tokenizer, batch_size, 128, rank=rank, world_size=world_size,
-                           state=state)
+        return sft_batches(
+            identity_conversations, tokenizer, batch_size, 128, rank=rank, world_size=world_size, state=state
+        )
 
     uninterrupted = take(loader(), 12)
     for inputs, targets, _ in uninterrupted:

@@ -163,7 +163,8 @@ def test_a_changed_setting_is_refused(finished_run, small_data):
     assert changed.returncode == 2
     assert changed.stderr.strip().splitlines()[-1] == (
         f"picochat: error: {finished_run.resolve()} was started with --depth 2, not 3: run again with the same "
-        "value, or use another --run")
+        "value, or use another --run"
+    )
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:

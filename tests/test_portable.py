@@ -277,9 +277,9 @@ def test_run_plans_the_llama_split_and_the_architecture(tmp_path, data_dir):
     stages = {stage.name: stage.args for stage in plan_stages(portable, tmp_path, data_dir)}
     assert stages["tokenizer"][-2:] == ["--split-pattern", "llama-bpe"]
     assert stages["pretrain"][stages["pretrain"].index("--architecture") + 1] == "portable"
-    assert "--split-pattern" not in {stage.name: stage.args for stage in plan_stages(CPU, tmp_path, data_dir)}[
-        "tokenizer"
-    ]
+    assert (
+        "--split-pattern" not in {stage.name: stage.args for stage in plan_stages(CPU, tmp_path, data_dir)}["tokenizer"]
+    )
     plan = pretraining_plan(portable)
     assert plan["model_config"]["architecture"] == "portable"
     assert plan["window_sizes"] == [CPU.max_seq_len] * CPU.depth

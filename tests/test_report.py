@@ -31,40 +31,105 @@ def run_dir(tmp_path) -> Path:
     """A run as the stages leave it: tokenizer, a pretrained base (resumed once), an SFT stage, evaluations."""
     run = tmp_path / "myrun"
     atomic_write_json(run / "tokenizer" / "config.json", {"trainer": "rustbpe", "vocab_size": 32768})
-    atomic_write_json(run / "eval" / "tokenizer.json", {"task": "tokenizer_compression", "sources": [
-        {"source": "wikipedia", "ours_bytes_per_token": 4.7, "gpt2_bytes_per_token": 4.5}]})
-    atomic_write_json(run / "base" / "config.json", {
-        "stage": "pretrain", "flags": {"depth": 4, "paths": [f"/data/shard_{i}.parquet" for i in range(40)]},
-        "derived": {"total_batch_size": 1024, "flops_per_token": 1.5e6},
-        "provenance": {"device": "cpu", "world_size": 2, "command": ["picochat", "pretrain", "--depth", "4"]},
-    })
+    atomic_write_json(
+        run / "eval" / "tokenizer.json",
+        {
+            "task": "tokenizer_compression",
+            "sources": [{"source": "wikipedia", "ours_bytes_per_token": 4.7, "gpt2_bytes_per_token": 4.5}],
+        },
+    )
+    atomic_write_json(
+        run / "base" / "config.json",
+        {
+            "stage": "pretrain",
+            "flags": {"depth": 4, "paths": [f"/data/shard_{i}.parquet" for i in range(40)]},
+            "derived": {"total_batch_size": 1024, "flops_per_token": 1.5e6},
+            "provenance": {"device": "cpu", "world_size": 2, "command": ["picochat", "pretrain", "--depth", "4"]},
+        },
+    )
     events = []
     for step in range(1, 41):
         # the run was stopped after step 20 and resumed: elapsed_seconds restarts from 0
         elapsed = step * 3.0 if step <= 20 else (step - 20) * 3.0
-        events.append({"event": "train", "step": step, "loss": 10.0 - step * 0.1, "smooth_loss": 10.2 - step * 0.1,
-                       "training_seconds": step * 2.5, "elapsed_seconds": elapsed})
+        events.append(
+            {
+                "event": "train",
+                "step": step,
+                "loss": 10.0 - step * 0.1,
+                "smooth_loss": 10.2 - step * 0.1,
+                "training_seconds": step * 2.5,
+                "elapsed_seconds": elapsed,
+            }
+        )
         if step % 10 == 0:
             events.append({"event": "eval", "step": step, "val_bpb": 3.0 - step * 0.01})
-    events.append({"event": "sample", "step": 40, "samples": [
-        {"prompt": "The capital of France is", "completion": " Paris ``` and | more"},
-        {"prompt": "2+2=", "completion": "4\n"}]})
+    events.append(
+        {
+            "event": "sample",
+            "step": 40,
+            "samples": [
+                {"prompt": "The capital of France is", "completion": " Paris ``` and | more"},
+                {"prompt": "2+2=", "completion": "4\n"},
+            ],
+        }
+    )
     write_jsonl(run / "base" / "metrics.jsonl", events)
-    write_jsonl(run / "sft" / "metrics.jsonl", [
-        {"event": "train", "step": s, "loss": 2.0 - s * 0.05, "training_seconds": s * 1.0, "elapsed_seconds": s * 1.0}
-        for s in range(1, 11)])
-    atomic_write_json(run / "eval" / "core_base_step000040.json", {
-        "kind": "core", "stage": "base", "step": 40, "metric": "CORE-18", "core": 0.1234, "metrics": {"CORE": 0.1234},
-        "tasks_evaluated": 18, "tasks": {"copa": {"num_fewshot": 0, "examples": 100, "accuracy": 0.6, "centered": 0.2}},
-    })
-    atomic_write_json(run / "eval" / "core_base_step000020.json", {
-        "kind": "core", "stage": "base", "step": 20, "metric": "CORE-18", "metrics": {"CORE": 0.05}})
-    atomic_write_json(run / "eval" / "bpb_base_step000040.json", {
-        "kind": "bpb", "stage": "base", "step": 40, "metrics": {"bpb": 2.61, "train_bpb": 2.5, "val_bpb": 2.61},
-        "splits": {"train": {"bpb": 2.5, "tokens": 4096}, "val": {"bpb": 2.61, "tokens": 4096}}})
-    atomic_write_json(run / "eval" / "chat_sft.json", {
-        "stage": "sft", "step": 10, "metrics": {"ARC-Easy": 0.31, "arc_challenge": 0.27, "MMLU": 0.3, "gsm8k": 0.02,
-                                                "HumanEval": 0.05, "ChatCORE": 0.1, "unrelated": 5}})
+    write_jsonl(
+        run / "sft" / "metrics.jsonl",
+        [
+            {
+                "event": "train",
+                "step": s,
+                "loss": 2.0 - s * 0.05,
+                "training_seconds": s * 1.0,
+                "elapsed_seconds": s * 1.0,
+            }
+            for s in range(1, 11)
+        ],
+    )
+    atomic_write_json(
+        run / "eval" / "core_base_step000040.json",
+        {
+            "kind": "core",
+            "stage": "base",
+            "step": 40,
+            "metric": "CORE-18",
+            "core": 0.1234,
+            "metrics": {"CORE": 0.1234},
+            "tasks_evaluated": 18,
+            "tasks": {"copa": {"num_fewshot": 0, "examples": 100, "accuracy": 0.6, "centered": 0.2}},
+        },
+    )
+    atomic_write_json(
+        run / "eval" / "core_base_step000020.json",
+        {"kind": "core", "stage": "base", "step": 20, "metric": "CORE-18", "metrics": {"CORE": 0.05}},
+    )
+    atomic_write_json(
+        run / "eval" / "bpb_base_step000040.json",
+        {
+            "kind": "bpb",
+            "stage": "base",
+            "step": 40,
+            "metrics": {"bpb": 2.61, "train_bpb": 2.5, "val_bpb": 2.61},
+            "splits": {"train": {"bpb": 2.5, "tokens": 4096}, "val": {"bpb": 2.61, "tokens": 4096}},
+        },
+    )
+    atomic_write_json(
+        run / "eval" / "chat_sft.json",
+        {
+            "stage": "sft",
+            "step": 10,
+            "metrics": {
+                "ARC-Easy": 0.31,
+                "arc_challenge": 0.27,
+                "MMLU": 0.3,
+                "gsm8k": 0.02,
+                "HumanEval": 0.05,
+                "ChatCORE": 0.1,
+                "unrelated": 5,
+            },
+        },
+    )
     return run
 
 
@@ -111,13 +176,18 @@ def test_report_is_regenerated_and_stale_plots_removed(run_dir):
     assert main(["report", "--run-dir", str(run_dir), "--hourly-cost", "24"]) == 0
     report = (run_dir / "report.md").read_text()
     assert "$0.80 ($24/hour (--hourly-cost))" in report  # base: 2 min of wall time at $24/hour
-    events = [e for e in map(json.loads, (run_dir / "base" / "metrics.jsonl").read_text().splitlines())
-              if e["event"] != "eval"]
+    events = [
+        e
+        for e in map(json.loads, (run_dir / "base" / "metrics.jsonl").read_text().splitlines())
+        if e["event"] != "eval"
+    ]
     write_jsonl(run_dir / "base" / "metrics.jsonl", events)
     for path in (run_dir / "eval").glob("bpb_*.json"):
         path.unlink()
-    atomic_write_json(run_dir / "eval" / "core_base_step000060.json", {
-        "kind": "core", "stage": "base", "step": 60, "metric": "CORE-18", "metrics": {"CORE": 0.2}})
+    atomic_write_json(
+        run_dir / "eval" / "core_base_step000060.json",
+        {"kind": "core", "stage": "base", "step": 60, "metric": "CORE-18", "metrics": {"CORE": 0.2}},
+    )
     time.sleep(0.01)
     assert main(["report", "--run-dir", str(run_dir)]) == 0
     report = (run_dir / "report.md").read_text()
@@ -145,10 +215,36 @@ def test_report_after_a_real_pretraining_run(tmp_path, data_dir, capsys):
     run = tmp_path / "run"
     Tokenizer({bytes([i]): i for i in range(256)}).save(run / "tokenizer")
     train, val = data_dir / "pretrain" / "c4_demo.jsonl", data_dir / "pretrain" / "dclm_web_agreement.jsonl"
-    code = main(["pretrain", "--run-dir", str(run), str(train), "--val", str(val), "--depth", "1",
-                 "--max-seq-len", "64", "--device-batch-size", "2", "--total-batch-size", "128",
-                 "--num-iterations", "6", "--eval-every", "3", "--eval-tokens", "128", "--sample-every", "6",
-                 "--window-pattern", "L", "--device", "cpu"])
+    code = main(
+        [
+            "pretrain",
+            "--run-dir",
+            str(run),
+            str(train),
+            "--val",
+            str(val),
+            "--depth",
+            "1",
+            "--max-seq-len",
+            "64",
+            "--device-batch-size",
+            "2",
+            "--total-batch-size",
+            "128",
+            "--num-iterations",
+            "6",
+            "--eval-every",
+            "3",
+            "--eval-tokens",
+            "128",
+            "--sample-every",
+            "6",
+            "--window-pattern",
+            "L",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0, capsys.readouterr().err[-2000:]
     assert main(["report", "--run-dir", str(run)]) == 0
     report = (run / "report.md").read_text()

@@ -213,6 +213,12 @@ def test_rl_stopped_by_sigint_saves_and_resumes_exactly(rl_run, tmp_path, data_d
     straight = load_file(str(rl_run / "rl" / "model.safetensors"))
     resumed = load_file(str(run / "rl" / "model.safetensors"))
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
-    events = lambda path: [{k: v for k, v in e.items() if k != "step_seconds"}  # noqa: E731
-                           for e in read_metrics(path / "rl") if e["event"] != "checkpoint"]
+
+    def events(path):
+        return [
+            {k: v for k, v in e.items() if k != "step_seconds"}
+            for e in read_metrics(path / "rl")
+            if e["event"] != "checkpoint"
+        ]
+
     assert events(run) == events(rl_run)

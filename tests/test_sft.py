@@ -120,8 +120,15 @@ def test_inherited_settings_prefer_flags_then_the_source_run():
     args = Namespace(max_seq_len=None, device_batch_size=4, total_batch_size=None, embedding_lr=None,
                      unembedding_lr=None, matrix_lr=None, scalar_lr=None)  # fmt: skip
     values, rows = inherited_settings(args, source)
-    assert values == {"max_seq_len": 256, "device_batch_size": 4, "total_batch_size": 4096, "embedding_lr": 0.1,
-                      "unembedding_lr": 0.002, "matrix_lr": 0.004, "scalar_lr": 0.2}  # the LRs actually used
+    assert values == {
+        "max_seq_len": 256,
+        "device_batch_size": 4,
+        "total_batch_size": 4096,
+        "embedding_lr": 0.1,
+        "unembedding_lr": 0.002,
+        "matrix_lr": 0.004,
+        "scalar_lr": 0.2,
+    }  # the LRs actually used
     assert {row["setting"]: row["from"] for row in rows}["device_batch_size"] == "flag"
     with pytest.raises(PicochatError, match="no embedding_lr; give --embedding-lr"):
         inherited_settings(args, {"flags": {"max_seq_len": 1, "total_batch_size": 1}})

@@ -50,8 +50,16 @@ class ChatTaskResult:
         return (self.accuracy - self.baseline) / (1.0 - self.baseline)
 
     def to_dict(self) -> dict:
-        return {"task": self.task, "kind": self.kind, "correct": self.correct, "total": self.total,
-                "accuracy": self.accuracy, "baseline": self.baseline, "centered": self.centered, **self.details}
+        return {
+            "task": self.task,
+            "kind": self.kind,
+            "correct": self.correct,
+            "total": self.total,
+            "accuracy": self.accuracy,
+            "baseline": self.baseline,
+            "centered": self.centered,
+            **self.details,
+        }
 
 
 def load_task(name: str, data_dir: str | os.PathLike | None = None):
@@ -75,7 +83,7 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None):
 
 
 def parse_task_names(text: str | None) -> list[str]:
-    """"ARC-Easy,GSM8K" -> canonical names in ALL_TASKS order; None -> all of them."""
+    """ "ARC-Easy,GSM8K" -> canonical names in ALL_TASKS order; None -> all of them."""
     if text is None:
         return list(ALL_TASKS)
     canonical = {name.lower().replace("_", "-"): name for name in ALL_TASKS}
@@ -109,8 +117,9 @@ def letter_token_ids(tokenizer, letters: list[str]) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate_categorical(model, tokenizer, task, *, max_problems: int | None = None, batch_size: int = 8,
-                         rank: int = 0, world_size: int = 1) -> ChatTaskResult:
+def evaluate_categorical(
+    model, tokenizer, task, *, max_problems: int | None = None, batch_size: int = 8, rank: int = 0, world_size: int = 1
+) -> ChatTaskResult:
     """Accuracy of the most likely allowed letter at the answer position."""
     count = len(task) if max_problems is None else min(max_problems, len(task))
     indices = list(range(rank, count, world_size))
@@ -134,9 +143,19 @@ def evaluate_categorical(model, tokenizer, task, *, max_problems: int | None = N
     return ChatTaskResult(task.name, "categorical", correct, total, task.baseline)
 
 
-def evaluate_generative(engine, task, *, max_problems: int | None = None, num_samples: int = 1,
-                        max_new_tokens: int = 512, temperature: float = 0.0, top_k: int | None = 50,
-                        rank: int = 0, world_size: int = 1, seed: int = 0) -> ChatTaskResult:
+def evaluate_generative(
+    engine,
+    task,
+    *,
+    max_problems: int | None = None,
+    num_samples: int = 1,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_k: int | None = 50,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+) -> ChatTaskResult:
     """pass@num_samples: a problem is solved if any of its samples passes task.evaluate."""
     count = len(task) if max_problems is None else min(max_problems, len(task))
     indices = list(range(rank, count, world_size))
@@ -152,8 +171,14 @@ def evaluate_generative(engine, task, *, max_problems: int | None = None, num_sa
                                             temperature=temperature, top_k=top_k, seed=seed + index)  # fmt: skip
         correct += int(any(task.evaluate(conversation, tokenizer.decode(c.tokens)) for c in completions))
     correct, total, skipped = _sum_over_ranks([correct, len(indices), skipped], engine.device, world_size)
-    return ChatTaskResult(task.name, "generative", correct, total, task.baseline,
-                          {"num_samples": num_samples, "prompts_too_long": skipped})
+    return ChatTaskResult(
+        task.name,
+        "generative",
+        correct,
+        total,
+        task.baseline,
+        {"num_samples": num_samples, "prompts_too_long": skipped},
+    )
 
 
 def chatcore(results: dict[str, ChatTaskResult]) -> float | None:
@@ -163,9 +188,21 @@ def chatcore(results: dict[str, ChatTaskResult]) -> float | None:
     return sum(results[name].centered for name in CHATCORE_TASKS) / len(CHATCORE_TASKS)
 
 
-def run_chat_eval(model, tokenizer, task_names: list[str], *, data_dir=None, max_problems: int | None = None,
-                  num_samples: int = 1, max_new_tokens: int = 512, temperature: float = 0.0, top_k: int | None = 50,
-                  batch_size: int = 8, rank: int = 0, world_size: int = 1) -> dict:
+def run_chat_eval(
+    model,
+    tokenizer,
+    task_names: list[str],
+    *,
+    data_dir=None,
+    max_problems: int | None = None,
+    num_samples: int = 1,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_k: int | None = 50,
+    batch_size: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
     """Evaluate each named task; returns {"tasks": {name: result dict}, "ChatCORE": float | None, ...}."""
     from picochat.engine import Engine
 
@@ -187,6 +224,11 @@ def run_chat_eval(model, tokenizer, task_names: list[str], *, data_dir=None, max
         "tasks": {name: result.to_dict() for name, result in results.items()},
         "ChatCORE": core,
         "ChatCORE_cat": sum(categorical) / 3 if len(categorical) == 3 else None,
-        "settings": {"max_problems": max_problems, "num_samples": num_samples, "max_new_tokens": max_new_tokens,
-                     "temperature": temperature, "top_k": top_k},
+        "settings": {
+            "max_problems": max_problems,
+            "num_samples": num_samples,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_k": top_k,
+        },
     }

@@ -207,8 +207,11 @@ class ModelScorer:
             row_index += [r] * (row.end - row.start)
             positions += range(row.start - 1, row.end - 1)
             targets += row.tokens[row.start : row.end]
-        logits = self._logits_at(inputs.to(self.device), torch.tensor(row_index, device=self.device),
-                                 torch.tensor(positions, device=self.device))
+        logits = self._logits_at(
+            inputs.to(self.device),
+            torch.tensor(row_index, device=self.device),
+            torch.tensor(positions, device=self.device),
+        )
         counts = [row.end - row.start for row in rows]
         return _summarize(logits, torch.tensor(targets, device=self.device), counts)
 
@@ -237,8 +240,14 @@ class ModelScorer:
                 row_index += [r] * len(tail)
                 positions += range(len(tail))
             if row_index:
-                logits.append(self._logits_at(inputs.to(self.device), torch.tensor(row_index, device=self.device),
-                                              torch.tensor(positions, device=self.device), kv_cache=cache))
+                logits.append(
+                    self._logits_at(
+                        inputs.to(self.device),
+                        torch.tensor(row_index, device=self.device),
+                        torch.tensor(positions, device=self.device),
+                        kv_cache=cache,
+                    )
+                )
         # Reorder into row-major order: row r's first scored token (from the context), then its tail's.
         order, targets, tail_offset = [], [], len(rows)
         for r, row in enumerate(rows):
@@ -313,9 +322,15 @@ class TaskResult:
     correct: list[bool] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task_type": self.task_type, "num_fewshot": self.num_fewshot, "examples": self.examples,
-                "accuracy": self.accuracy, "centered": self.centered, "random_baseline": self.random_baseline,
-                "seconds": round(self.seconds, 3)}
+        return {
+            "task_type": self.task_type,
+            "num_fewshot": self.num_fewshot,
+            "examples": self.examples,
+            "accuracy": self.accuracy,
+            "centered": self.centered,
+            "random_baseline": self.random_baseline,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def evaluate_task(
@@ -363,9 +378,17 @@ def evaluate_task(
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         correct = total.cpu()
     accuracy = correct.sum().item() / len(items)
-    return TaskResult(task.label, task.task_type, task.num_fewshot, len(items), accuracy,
-                      centered_accuracy(accuracy, task.random_baseline), task.random_baseline,
-                      time.perf_counter() - started, [bool(c) for c in correct.tolist()])
+    return TaskResult(
+        task.label,
+        task.task_type,
+        task.num_fewshot,
+        len(items),
+        accuracy,
+        centered_accuracy(accuracy, task.random_baseline),
+        task.random_baseline,
+        time.perf_counter() - started,
+        [bool(c) for c in correct.tolist()],
+    )
 
 
 @dataclass
@@ -381,7 +404,7 @@ class CoreResult:
 
     @property
     def label(self) -> str:
-        """"CORE" for all 22 tasks, else "CORE-<n>" so nobody mistakes it for the published metric."""
+        """ "CORE" for all 22 tasks, else "CORE-<n>" so nobody mistakes it for the published metric."""
         count = len(self.tasks)
         return "CORE" if count == TOTAL_CORE_TASKS else f"CORE-{count}"
 
@@ -446,13 +469,26 @@ def evaluate_core(
     results = []
     for task in chosen:
         items = select_items(load_task_items(task_data_path(core_dir, task), task.task_type), max_per_task)
-        result = evaluate_task(scorer, tokenizer, task, items, max_tokens=max_tokens, batch_size=batch_size,
-                               rank=rank, world_size=world_size, near_tie=near_tie, device=device)
-        log(f"{task.label:<34} {task.num_fewshot:>2}-shot {task.task_type:<17} accuracy {result.accuracy:.4f} "
-            f"centered {result.centered:+.4f} ({result.examples} items, {result.seconds:.1f}s)")
+        result = evaluate_task(
+            scorer,
+            tokenizer,
+            task,
+            items,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            near_tie=near_tie,
+            device=device,
+        )
+        log(
+            f"{task.label:<34} {task.num_fewshot:>2}-shot {task.task_type:<17} accuracy {result.accuracy:.4f} "
+            f"centered {result.centered:+.4f} ({result.examples} items, {result.seconds:.1f}s)"
+        )
         results.append(result)
-    return CoreResult(results, missing, max_per_task if max_per_task and max_per_task > 0 else None,
-                      time.perf_counter() - started)
+    return CoreResult(
+        results, missing, max_per_task if max_per_task and max_per_task > 0 else None, time.perf_counter() - started
+    )
 
 
 def core_csv(result: CoreResult) -> str:
@@ -463,4 +499,3 @@ def core_csv(result: CoreResult) -> str:
         lines.append(f"{task.label:<35}, {task.accuracy:<10.6f}, {task.centered:<10.6f}, {task.examples}")
     lines.append(f"{result.label:<35}, {'':<10}, {result.core:<10.6f}, {result.examples}")
     return "\n".join(lines) + "\n"
-

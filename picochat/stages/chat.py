@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
         raise PicochatError(f"--max-tokens {args.max_tokens}: expected a positive integer")
     from picochat import load_engine
 
-    engine, _, stage_dir = load_engine(args.run, args.run_dir, stage=args.stage, step=args.step, device=args.device,
-                                       tool=args.tool)
+    engine, _, stage_dir = load_engine(
+        args.run, args.run_dir, stage=args.stage, step=args.step, device=args.device, tool=args.tool
+    )
     layers = engine.model.config.n_layer
     log(f"chat: {stage_dir} ({layers} layers, context {engine.context_len} tokens) on {engine.device}")
     max_tokens = engine.reply_budget(args.max_tokens)

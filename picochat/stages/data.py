@@ -31,42 +31,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     # Flags shared by list and check (where the files are and how to read them).
     reading = argparse.ArgumentParser(add_help=False)
-    reading.add_argument("paths", nargs="*", metavar="PATH",
-                         help="files or folders to read (default: every parquet shard under the data folder)")
+    reading.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="files or folders to read (default: every parquet shard under the data folder)",
+    )
     reading.add_argument("--data-dir", help=DATA_DIR_HELP)
     reading.add_argument("--text-column", default="text", help="parquet column / jsonl field with the text")
-    reading.add_argument("--txt-delimiter", default=None,
-                         help=r"split txt files into documents on this string (\n \t \r \\ understood); "
-                              "default: one document per file")
-    reading.add_argument("--max-document-bytes", type=_byte_count, default=None,
-                         help="longest document / line accepted (default 32M)")
+    reading.add_argument(
+        "--txt-delimiter",
+        default=None,
+        help=r"split txt files into documents on this string (\n \t \r \\ understood); "
+        "default: one document per file",
+    )
+    reading.add_argument(
+        "--max-document-bytes", type=_byte_count, default=None, help="longest document / line accepted (default 32M)"
+    )
 
-    list_parser = actions.add_parser("list", parents=[reading], help="list data files with document counts",
-                                     description="List data files: split, documents, characters, size.")
-    list_parser.add_argument("--no-characters", action="store_true",
-                             help="don't count characters (that reads every parquet file; "
-                                  "documents come from the footer)")
-    actions.add_parser("check", parents=[reading], help="read every document and report problems",
-                       description="Read every document of every file; exit 0 when all are clean.")
+    list_parser = actions.add_parser(
+        "list",
+        parents=[reading],
+        help="list data files with document counts",
+        description="List data files: split, documents, characters, size.",
+    )
+    list_parser.add_argument(
+        "--no-characters",
+        action="store_true",
+        help="don't count characters (that reads every parquet file; documents come from the footer)",
+    )
+    actions.add_parser(
+        "check",
+        parents=[reading],
+        help="read every document and report problems",
+        description="Read every document of every file; exit 0 when all are clean.",
+    )
 
-    download = actions.add_parser("download", help="download public pretraining shards",
-                                  description="Download parquet shards (Hugging Face, or a URL template).")
-    download.add_argument("--dataset", default=None,
-                          help="climbmix (default) or fineweb-edu; with --url-template, a folder name")
+    download = actions.add_parser(
+        "download",
+        help="download public pretraining shards",
+        description="Download parquet shards (Hugging Face, or a URL template).",
+    )
+    download.add_argument(
+        "--dataset", default=None, help="climbmix (default) or fineweb-edu; with --url-template, a folder name"
+    )
     which = download.add_mutually_exclusive_group()
     which.add_argument("--num-shards", type=int, help="download the first N train shards")
     which.add_argument("--shards", help="shard indices to download, e.g. '0-9,12'")
-    download.add_argument("--url-template",
-                          help="any source, e.g. 'https://host/path/shard_{index:05d}.parquet'")
+    download.add_argument("--url-template", help="any source, e.g. 'https://host/path/shard_{index:05d}.parquet'")
     download.add_argument("--data-dir", help=DATA_DIR_HELP)
     download.add_argument("--dest", help="destination folder (default: <data dir>/<dataset>)")
     download.add_argument("--workers", type=int, default=4, help="parallel downloads (default 4)")
-    download.add_argument("--retries", type=int, default=5,
-                          help="retries per file on transient errors (default 5)")
-    download.add_argument("--retry-delay", type=float, default=1.0,
-                          help="first retry delay in seconds, doubled each retry (default 1)")
-    download.add_argument("--timeout", type=float, default=60.0,
-                          help="network timeout in seconds (default 60)")
+    download.add_argument("--retries", type=int, default=5, help="retries per file on transient errors (default 5)")
+    download.add_argument(
+        "--retry-delay", type=float, default=1.0, help="first retry delay in seconds, doubled each retry (default 1)"
+    )
+    download.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
     download.add_argument("--sha256-manifest", help="verify files against 'sha256  filename' lines")
 
 
@@ -140,8 +160,12 @@ def _describe(args, full_check: bool) -> int:
             rows.append(row)
             continue
         characters = "-" if summary.characters is None else f"{summary.characters:,}"
-        row.update(documents=f"{summary.documents:,}", characters=characters,
-                   size=_human_bytes(summary.size_bytes), status="ok")
+        row.update(
+            documents=f"{summary.documents:,}",
+            characters=characters,
+            size=_human_bytes(summary.size_bytes),
+            status="ok",
+        )
         rows.append(row)
         total = totals[split_of[path]]
         total[0] += summary.documents
@@ -149,8 +173,16 @@ def _describe(args, full_check: bool) -> int:
         total[2] += summary.size_bytes
     for split, (documents, characters, size) in totals.items():
         counted = "-" if getattr(args, "no_characters", False) else f"{characters:,}"
-        rows.append({"file": f"TOTAL {split}", "split": split, "documents": f"{documents:,}",
-                     "characters": counted, "size": _human_bytes(size), "status": ""})
+        rows.append(
+            {
+                "file": f"TOTAL {split}",
+                "split": split,
+                "documents": f"{documents:,}",
+                "characters": counted,
+                "size": _human_bytes(size),
+                "status": "",
+            }
+        )
     print(print_table(rows, ["file", "split", "documents", "characters", "size", "status"]))
     if problems:
         # The table shows which files; the one error line says what is wrong with the first.
@@ -165,13 +197,17 @@ def _download(args) -> int:
     from picochat.download import download_files, plan_downloads, read_sha256_manifest
 
     name = args.dataset or ("custom" if args.url_template else "climbmix")
-    downloads = plan_downloads(name, num_shards=args.num_shards, shards=args.shards,
-                               url_template=args.url_template)
+    downloads = plan_downloads(name, num_shards=args.num_shards, shards=args.shards, url_template=args.url_template)
     dest = Path(args.dest) if args.dest else resolve_data_dir(args.data_dir) / name
     manifest = read_sha256_manifest(args.sha256_manifest) if args.sha256_manifest else None
     results = download_files(
-        downloads, dest, workers=args.workers, retries=args.retries, retry_base_delay=args.retry_delay,
-        timeout=args.timeout, sha256_manifest=manifest,
+        downloads,
+        dest,
+        workers=args.workers,
+        retries=args.retries,
+        retry_base_delay=args.retry_delay,
+        timeout=args.timeout,
+        sha256_manifest=manifest,
     )
     print(f"{len(results)} files in {dest}")
     return 0

@@ -52,11 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_model_flags(core)
     core.add_argument("--tasks", help="comma-separated task labels (default: every task whose data exists)")
-    core.add_argument("--max-per-task", type=positive_int,
-                      help="items per task, the first after a fixed shuffle (default: all)")
+    core.add_argument(
+        "--max-per-task", type=positive_int, help="items per task, the first after a fixed shuffle (default: all)"
+    )
     core.add_argument("--batch-size", type=positive_int, default=8, help="items per forward pass (default 8)")
-    core.add_argument("--core-dir", help="eval bundle folder with core.yaml (default: <data-dir>/core_eval, else "
-                      "$PICOCHAT_HOME/eval_bundle, downloaded on first use)")
+    core.add_argument(
+        "--core-dir",
+        help="eval bundle folder with core.yaml (default: <data-dir>/core_eval, else "
+        "$PICOCHAT_HOME/eval_bundle, downloaded on first use)",
+    )
     core.add_argument("--bundle-url", default=None, help="where to download the eval bundle zip from")
 
     bpb = actions.add_parser(
@@ -65,24 +69,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Bits per byte (tokenizer-independent loss) of a model on text files.",
     )
     _add_model_flags(bpb)
-    bpb.add_argument("paths", nargs="*", help="text files or folders (.parquet, .jsonl, .jsonl.gz, .txt, .txt.gz); "
-                     "default: the parquet shards of the data folder, as train and val splits")
-    bpb.add_argument("--tokens", type=positive_int, default=DEFAULT_BPB_TOKENS,
-                     help=f"tokens to evaluate per split (default {DEFAULT_BPB_TOKENS:,})")
+    bpb.add_argument(
+        "paths",
+        nargs="*",
+        help="text files or folders (.parquet, .jsonl, .jsonl.gz, .txt, .txt.gz); "
+        "default: the parquet shards of the data folder, as train and val splits",
+    )
+    bpb.add_argument(
+        "--tokens",
+        type=positive_int,
+        default=DEFAULT_BPB_TOKENS,
+        help=f"tokens to evaluate per split (default {DEFAULT_BPB_TOKENS:,})",
+    )
     bpb.add_argument("--batch-size", type=positive_int, help="rows per forward pass (default 1 on CPU, 8 on GPU)")
     bpb.add_argument("--seq-len", type=positive_int, help="tokens per row (default: the model's sequence length)")
-    bpb.add_argument("--text-column", help="parquet column / jsonl field holding the text (default: the one the "
-                     "stage trained on, else text)")
+    bpb.add_argument(
+        "--text-column",
+        help="parquet column / jsonl field holding the text (default: the one the stage trained on, else text)",
+    )
 
     chat = actions.add_parser(
         "chat",
         help="chat evaluations (ARC, MMLU, GSM8K, HumanEval, spelling) and ChatCORE of a chat model",
         description="Categorical tasks: the most likely allowed answer letter; generative tasks: pass@k with the "
-                    "engine. ChatCORE: mean centered accuracy over ARC-E, ARC-C, MMLU, GSM8K, HumanEval.",
+        "engine. ChatCORE: mean centered accuracy over ARC-E, ARC-C, MMLU, GSM8K, HumanEval.",
     )
     _add_model_flags(chat)
-    chat.add_argument("--tasks", help="comma-separated: ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,spelling "
-                                      "(default: all)")
+    chat.add_argument(
+        "--tasks", help="comma-separated: ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,spelling (default: all)"
+    )
     chat.add_argument("--max-problems", type=positive_int, help="problems per task, the first ones (default: all)")
     chat.add_argument("--num-samples", type=positive_int, default=1, help="samples per generative problem (1)")
     chat.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (0.0)")
@@ -126,25 +141,62 @@ def evaluate_core(args: argparse.Namespace, device, rank: int, world_size: int) 
         torch.distributed.barrier()
     if rank != 0:
         core_dir = resolve_core_dir(args.core_dir, args.data_dir, url=url)
-    result = run_core(model, tokenizer, core_dir, tasks=tasks, max_per_task=args.max_per_task,
-                      batch_size=args.batch_size, rank=rank, world_size=world_size)
+    result = run_core(
+        model,
+        tokenizer,
+        core_dir,
+        tasks=tasks,
+        max_per_task=args.max_per_task,
+        batch_size=args.batch_size,
+        rank=rank,
+        world_size=world_size,
+    )
     if not is_main_process():
         return 0
 
-    rows = [{"task": t.label, "shots": t.num_fewshot, "type": t.task_type, "items": t.examples,
-             "accuracy": t.accuracy, "baseline%": t.random_baseline, "centered": t.centered} for t in result.tasks]
+    rows = [
+        {
+            "task": t.label,
+            "shots": t.num_fewshot,
+            "type": t.task_type,
+            "items": t.examples,
+            "accuracy": t.accuracy,
+            "baseline%": t.random_baseline,
+            "centered": t.centered,
+        }
+        for t in result.tasks
+    ]
     print(print_table(rows))
-    print(f"{result.label}: {result.core:.4f}  ({len(result.tasks)} of 22 tasks, {result.examples} items, "
-          f"{result.seconds:.0f}s, {result.examples / max(result.seconds, 1e-9):.1f} items/s)")
-    document = {"kind": "core", "stage": stage, "step": step, "metrics": {"CORE": result.core},
-                "core_dir": str(core_dir), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "world_size": world_size, "device": str(device), **result.to_dict()}
+    print(
+        f"{result.label}: {result.core:.4f}  ({len(result.tasks)} of 22 tasks, {result.examples} items, "
+        f"{result.seconds:.0f}s, {result.examples / max(result.seconds, 1e-9):.1f} items/s)"
+    )
+    document = {
+        "kind": "core",
+        "stage": stage,
+        "step": step,
+        "metrics": {"CORE": result.core},
+        "core_dir": str(core_dir),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "world_size": world_size,
+        "device": str(device),
+        **result.to_dict(),
+    }
     name = result_name("core", stage, step)
     atomic_write_json(run_dir / "eval" / f"{name}.json", document)
     atomic_write_text(run_dir / "eval" / f"{name}.csv", core_csv(result))
     log(f"wrote {run_dir / 'eval' / name}.json and .csv")
-    print(json.dumps({"metric": result.label, "core": result.core, "tasks": len(result.tasks),
-                      "items": result.examples, "seconds": round(result.seconds, 1)}))
+    print(
+        json.dumps(
+            {
+                "metric": result.label,
+                "core": result.core,
+                "tasks": len(result.tasks),
+                "items": result.examples,
+                "seconds": round(result.seconds, 1),
+            }
+        )
+    )
     return 0
 
 
@@ -190,9 +242,17 @@ def evaluate_bpb(args: argparse.Namespace, device, rank: int, world_size: int) -
     results = {}
     for split, files in sources.items():
         started = time.perf_counter()
-        loader = pretraining_batches(files, tokenizer, batch_size, seq_len, device=device, rank=rank,
-                                     world_size=world_size, text_format=text_format,
-                                     loop=False)
+        loader = pretraining_batches(
+            files,
+            tokenizer,
+            batch_size,
+            seq_len,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            text_format=text_format,
+            loop=False,
+        )
         used = [0]
 
         def batches(loader=loader, used=used):
@@ -205,20 +265,38 @@ def evaluate_bpb(args: argparse.Namespace, device, rank: int, world_size: int) -
         try:
             bpb = run_bpb(model, batches(), token_bytes)
         except ValueError:  # not one full row of text
-            raise PicochatError(f"{split}: too little text in {', '.join(map(str, files[:3]))} for one batch of "
-                                f"{batch_size} x {seq_len} tokens (lower --seq-len or --batch-size)") from None
+            raise PicochatError(
+                f"{split}: too little text in {', '.join(map(str, files[:3]))} for one batch of "
+                f"{batch_size} x {seq_len} tokens (lower --seq-len or --batch-size)"
+            ) from None
         bpb = bpb if math.isfinite(bpb) else None  # no byte-carrying target at all: JSON has no infinity
         count = torch.tensor(used[0] * batch_size * seq_len, device=device)
         if world_size > 1:
             torch.distributed.all_reduce(count)
-        results[split] = {"bpb": bpb, "tokens": int(count.item()), "files": [str(f) for f in files],
-                          "seconds": round(time.perf_counter() - started, 2)}
+        results[split] = {
+            "bpb": bpb,
+            "tokens": int(count.item()),
+            "files": [str(f) for f in files],
+            "seconds": round(time.perf_counter() - started, 2),
+        }
         log(f"{split}: {bpb} bits per byte over {int(count.item()):,} tokens")
     if not is_main_process():
         return 0
 
-    print(print_table([{"split": split, "bpb": r["bpb"], "tokens": r["tokens"], "files": len(r["files"]),
-                        "seconds": r["seconds"]} for split, r in results.items()]))
+    print(
+        print_table(
+            [
+                {
+                    "split": split,
+                    "bpb": r["bpb"],
+                    "tokens": r["tokens"],
+                    "files": len(r["files"]),
+                    "seconds": r["seconds"],
+                }
+                for split, r in results.items()
+            ]
+        )
+    )
     # The run's own validation text gives the headline "bpb" (the report card's row); named files only "text_bpb",
     # in a file of their own named after the first of them.
     metrics = {f"{split}_bpb": r["bpb"] for split, r in results.items()}
@@ -227,9 +305,19 @@ def evaluate_bpb(args: argparse.Namespace, device, rank: int, world_size: int) -
         name += "_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.paths[0]).name.split(".")[0] or "text")
     elif "val" in results:
         metrics["bpb"] = results["val"]["bpb"]
-    document = {"kind": "bpb", "stage": stage, "step": step, "metrics": metrics, "seq_len": seq_len,
-                "batch_size": batch_size, "tokens_requested": args.tokens, "splits": results,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world_size, "device": str(device)}
+    document = {
+        "kind": "bpb",
+        "stage": stage,
+        "step": step,
+        "metrics": metrics,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "tokens_requested": args.tokens,
+        "splits": results,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "world_size": world_size,
+        "device": str(device),
+    }
     atomic_write_json(run_dir / "eval" / f"{name}.json", document)
     log(f"wrote {run_dir / 'eval' / name}.json")
     print(json.dumps({"metric": "bpb", **{split: r["bpb"] for split, r in results.items()}}))

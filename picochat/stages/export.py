@@ -18,12 +18,18 @@ from picochat.common import PicochatError, add_model_arguments, resolve_run_dir
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--format", choices=["hf", "gguf"], default="hf",
+        "--format",
+        choices=["hf", "gguf"],
+        default="hf",
         help="hf: a Hugging Face transformers model folder (the default); gguf: model.gguf + an Ollama Modelfile for "
         "llama.cpp / Ollama / LM Studio (portable models only: `picochat run --architecture portable`)",
     )
-    parser.add_argument("--quant", choices=["f32", "f16", "q8_0"], default=None,
-                        help="gguf: the matrices' type (f16, the default; q8_0 halves the file again)")
+    parser.add_argument(
+        "--quant",
+        choices=["f32", "f16", "q8_0"],
+        default=None,
+        help="gguf: the matrices' type (f16, the default; q8_0 halves the file again)",
+    )
     add_model_arguments(parser, "stage to export")
     parser.add_argument("--out", help="output folder (default: <run>/export/hf or <run>/export/gguf)")
     parser.add_argument("--force", action="store_true", help="replace the output folder if it exists and is not empty")

@@ -63,9 +63,12 @@ DEFAULTS = defaults(PretrainSettings)  # {flag: default}, for scripts that build
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_argument_group("run")
     add_training_arguments(where)
-    where.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile the model and the optimizer updates (default: on for CUDA, off "
-                            "elsewhere)")
+    where.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model and the optimizer updates (default: on for CUDA, off elsewhere)",
+    )
     where.add_argument("--wandb-run", help="also log to Weights & Biases under this run name (needs wandb)")
     groups = {
         "run": where,
@@ -130,8 +133,10 @@ def run(args: argparse.Namespace) -> int:
     if flags["architecture"] == "portable" and args.window_pattern and "S" in args.window_pattern:
         raise PicochatError(f"--window-pattern {args.window_pattern}: the portable architecture has no sliding windows")
     if flags["architecture"] == "portable" and split_pattern_name(tokenizer.pattern) != "llama-bpe":
-        warn(f"{tokenizer_dir}: this tokenizer does not split text as llama.cpp's llama-bpe does, so the portable "
-             "model will export to Hugging Face but not to GGUF (train the tokenizer with --split-pattern llama-bpe)")
+        warn(
+            f"{tokenizer_dir}: this tokenizer does not split text as llama.cpp's llama-bpe does, so the portable "
+            "model will export to Hugging Face but not to GGUF (train the tokenizer with --split-pattern llama-bpe)"
+        )
     tokenizer_sha256 = hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()
     train_files, val_files = _data_files(flags, args.data_dir, find_text_files, split_train_val,
                                          default_pretraining_files)  # fmt: skip
@@ -156,8 +161,14 @@ def run(args: argparse.Namespace) -> int:
             unembedding_lr=plan["unembedding_lr"], embedding_lr=plan["embedding_lr"], matrix_lr=plan["matrix_lr"],
             weight_decay=plan["weight_decay"], scalar_lr=plan["scalar_lr"], compile=use_compile,
         )  # fmt: skip
-        settings = train_settings(flags, total_batch_size=plan["total_batch_size"], seq_len=flags["max_seq_len"],
-                                  num_iterations=plan["num_iterations"], compile=use_compile, wandb_run=args.wandb_run)
+        settings = train_settings(
+            flags,
+            total_batch_size=plan["total_batch_size"],
+            seq_len=flags["max_seq_len"],
+            num_iterations=plan["num_iterations"],
+            compile=use_compile,
+            wandb_run=args.wandb_run,
+        )
 
         def train_loader(**layout):
             return pretraining_batches(train_files, tokenizer, device=device, text_format=text_format, **layout)

@@ -13,9 +13,13 @@ from picochat.common import PicochatError, add_run_arguments, log, resolve_run_d
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
-    parser.add_argument("--hourly-cost", type=_price, metavar="USD",
-                        help="cost of the training machine per hour, for the cost estimate "
-                        "(default: a rough GPU price list; none on CPU)")
+    parser.add_argument(
+        "--hourly-cost",
+        type=_price,
+        metavar="USD",
+        help="cost of the training machine per hour, for the cost estimate "
+        "(default: a rough GPU price list; none on CPU)",
+    )
 
 
 def _price(value: str) -> float:

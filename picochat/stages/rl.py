@@ -80,17 +80,34 @@ def run(args: argparse.Namespace) -> int:
             group["lr"] = group["lr"] * opts.init_lr_frac
             group["initial_lr"] = group["lr"]
         location = f"--run-dir {run_dir}" if args.run_dir else f"--run {args.run or 'default'}"
-        trainer = RLTrainer(model, optimizer, tokenizer, train_task, test_task, opts, num_steps,
-                            fixed=fixed_names(RLSettings), stage_dir=stage_dir, ranks=ranks,
-                            resume_hint=f"{typable_command()} rl --resume {location}")
+        trainer = RLTrainer(
+            model,
+            optimizer,
+            tokenizer,
+            train_task,
+            test_task,
+            opts,
+            num_steps,
+            fixed=fixed_names(RLSettings),
+            stage_dir=stage_dir,
+            ranks=ranks,
+            resume_hint=f"{typable_command()} rl --resume {location}",
+        )
         if resume_from is not None:
             trainer.restore(load_checkpoint(stage_dir, resume_from))
         if ranks.is_main:
             stage_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(stage_dir / "config.json", {
-                "stage": "rl", "model": model_config, "source": {"stage": opts.source, "path": str(source_dir)},
-                "flags": as_flags(opts), "settings": {**as_flags(opts), "num_steps": num_steps},
-                "provenance": provenance(device, torch.float32, ranks.world_size, False, resume_from)})
+            atomic_write_json(
+                stage_dir / "config.json",
+                {
+                    "stage": "rl",
+                    "model": model_config,
+                    "source": {"stage": opts.source, "path": str(source_dir)},
+                    "flags": as_flags(opts),
+                    "settings": {**as_flags(opts), "num_steps": num_steps},
+                    "provenance": provenance(device, torch.float32, ranks.world_size, False, resume_from),
+                },
+            )
         step = trainer.run()
         if step >= num_steps:
             log(f"rl done at step {step:,}; weights in {stage_dir / 'model.safetensors'}")

@@ -35,8 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the recipe to start from (cpu)")
     add_run_arguments(parser, default_name="the preset's name")
     parser.add_argument("--data-dir", help="data folder (default: $PICOCHAT_DATA_DIR or $PICOCHAT_HOME/data)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the settings and the plan (stages, shapes, tokens, estimated time) and stop")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the settings and the plan (stages, shapes, tokens, estimated time) and stop",
+    )
     group = parser.add_argument_group("preset settings (each overrides the preset's value; 'auto' = derived)")
     for item in setting_fields():
         flag = "--" + item.name.replace("_", "-")
@@ -45,8 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                help=item.metadata["help"])  # fmt: skip
         else:
             metavar = item.metadata.get("metavar", "TEXT" if item.metadata["parse"] is nonempty_text else "N")
-            group.add_argument(flag, dest=item.name, type=item.metadata["parse"], default=argparse.SUPPRESS,
-                               metavar=metavar, help=item.metadata["help"])
+            group.add_argument(
+                flag,
+                dest=item.name,
+                type=item.metadata["parse"],
+                default=argparse.SUPPRESS,
+                metavar=metavar,
+                help=item.metadata["help"],
+            )
 
 
 def resolve_preset(args: argparse.Namespace):

@@ -66,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
     from picochat.serve.scheduler import Scheduler
 
     check_sampling(settings.temperature, settings.top_k, None)
-    engine, run_dir, stage_dir = load_engine(args.run, args.run_dir, stage=args.stage, step=args.step,
-                                             device=args.device, tool=args.tool)
+    engine, run_dir, stage_dir = load_engine(
+        args.run, args.run_dir, stage=args.stage, step=args.step, device=args.device, tool=args.tool
+    )
     settings.model_id = f"picochat-{run_dir.name}-{stage_dir.name}"
     scheduler = Scheduler(engine, max_batch=args.max_batch, queue_size=args.queue_size)
     app = create_app(scheduler, settings)

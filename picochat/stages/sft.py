@@ -50,13 +50,21 @@ CHAT_SAMPLE_PROMPTS = ["What is your name?", "Who made you?", "What is 12 times 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser)
-    parser.add_argument("--stage", choices=("sft", "mid"), default="sft",
-                        help="sft (default): <run>/mid or base -> <run>/sft; mid: midtraining, base -> <run>/mid")
-    add_flags(parser, SFTSettings, {
-        "data": parser.add_argument_group("data"),
-        "shape": parser.add_argument_group("shapes and learning rates (default: inherited from the source run)"),
-        "cadence": parser.add_argument_group("evaluation and checkpoints"),
-    })
+    parser.add_argument(
+        "--stage",
+        choices=("sft", "mid"),
+        default="sft",
+        help="sft (default): <run>/mid or base -> <run>/sft; mid: midtraining, base -> <run>/mid",
+    )
+    add_flags(
+        parser,
+        SFTSettings,
+        {
+            "data": parser.add_argument_group("data"),
+            "shape": parser.add_argument_group("shapes and learning rates (default: inherited from the source run)"),
+            "cadence": parser.add_argument_group("evaluation and checkpoints"),
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,8 +182,14 @@ def run(args: argparse.Namespace) -> int:
     spec = settings.mix or (DEFAULT_MID_MIX if args.stage == "mid" else DEFAULT_SFT_MIX)
     settings = replace(settings, source=source_dir.name, mix=spec, **settings_values)
     flags = {"stage": args.stage, **as_flags(settings)}
-    mixture = build_mixture(spec, data_dir=args.data_dir, seed=settings.seed, identity_name=settings.identity_name,
-                            identity_creator=settings.identity_creator, identity_file=settings.identity_file)
+    mixture = build_mixture(
+        spec,
+        data_dir=args.data_dir,
+        seed=settings.seed,
+        identity_name=settings.identity_name,
+        identity_creator=settings.identity_creator,
+        identity_file=settings.identity_file,
+    )
     train_set, val_set = split_mixture(mixture, settings.val_conversations)
     for line in print_table(mixture.summary()).splitlines():
         log(line)
@@ -214,9 +228,18 @@ def run(args: argparse.Namespace) -> int:
             group["lr"] = group["lr"] * settings.init_lr_frac
             group["initial_lr"] = group["lr"]
         trainer_settings = train_settings(
-            flags, total_batch_size=settings_values["total_batch_size"], seq_len=seq_len, num_iterations=num_iterations,
-            warmup_steps=0, momentum_start=0.85, momentum_peak=0.95, momentum_warmup_steps=300, momentum_final=0.95,
-            cosine_weight_decay=False, eval_tokens=eval_tokens, sample_every=settings.sample_every or num_iterations,
+            flags,
+            total_batch_size=settings_values["total_batch_size"],
+            seq_len=seq_len,
+            num_iterations=num_iterations,
+            warmup_steps=0,
+            momentum_start=0.85,
+            momentum_peak=0.95,
+            momentum_warmup_steps=300,
+            momentum_final=0.95,
+            cosine_weight_decay=False,
+            eval_tokens=eval_tokens,
+            sample_every=settings.sample_every or num_iterations,
         )
 
         def train_loader(**layout):
